@@ -1,0 +1,70 @@
+"""Detection metrics with the conventions of the published OOD tables.
+
+Every function takes `labels` with 1 = positive and scores where higher = more positive; which
+side is positive is the caller's statement (our default: unwanted = positive).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_binary(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels differ in length: {scores.shape[0]} vs {labels.shape[0]}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1 (1 = positive)")
+    labels = labels.astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("need at least one positive and one negative label")
+    return scores, labels
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks: ties count half)."""
+    scores, labels = _as_binary(scores, labels)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average rank per tie group
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def fpr_at_tpr(scores, labels, tpr: float = 0.95) -> float:
+    """False-positive rate at the operating point whose recall is closest to `tpr`.
+
+    The routine both reference repositories share (Hendrycks' `fpr_and_fdr_at_recall`): thresholds
+    at distinct scores, the curve truncated at the first point of full recall, reversed, with
+    (recall 1, fp 0) appended; first point on ties. Kept exactly so numbers compare with papers.
+    """
+    scores, labels = _as_binary(scores, labels)
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    scores, labels = scores[order], labels[order]
+    threshold_idx = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(labels)[threshold_idx]
+    fps = 1 + threshold_idx - tps
+    recall = tps / tps[-1]
+    last = tps.searchsorted(tps[-1])
+    recall = np.r_[recall[last::-1], 1.0]
+    fps = np.r_[fps[last::-1], 0]
+    cutoff = np.argmin(np.abs(recall - tpr))
+    return float(fps[cutoff] / (~labels).sum())
+
+
+def threshold_at_tpr(scores, labels, tpr: float = 0.95) -> float:
+    """Smallest score threshold (score >= t is positive) that flags at least `tpr` of positives.
+
+    Used by the `tpr` threshold strategy: with unwanted = positive, it removes at least `tpr` of
+    the labelled unwanted images; `fpr_at_tpr` then tells the wanted images lost.
+    """
+    scores, labels = _as_binary(scores, labels)
+    positives = np.sort(scores[labels])[::-1]
+    needed = int(np.ceil(tpr * len(positives)))
+    return float(positives[max(needed, 1) - 1])

@@ -1,0 +1,258 @@
+"""Load a frozen open_clip model and encode text and images with it.
+
+The one place that knows open_clip: architecture name -> config -> weights -> model, plus batched,
+L2-normalised float32 encoding. Everything downstream (detectors, caches, pipeline) only sees
+arrays and the model's `identity`, a string that names the weights exactly, so artifacts from one
+model are never applied to embeddings of another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PRECISIONS = ("fp32", "fp16", "bf16")
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached locally nor downloadable from here."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which CLIP to run and how.
+
+    `pretrained` is an open_clip tag (e.g. "openai"), a local checkpoint path, or None for
+    seeded random weights (tests, benchmarks). `device` "auto" picks CUDA when present.
+    """
+
+    name: str = "tiny-clip"
+    pretrained: str | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+    cache_dir: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model.precision: {self.precision!r} is not one of {PRECISIONS}")
+        if self.batch_size < 1:
+            raise ValueError(f"model.batch_size must be >= 1, got {self.batch_size}")
+
+
+def register_local_configs() -> None:
+    """Make the project's own architectures (e.g. `tiny-clip`) known to open_clip."""
+    import open_clip
+
+    if "tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def _file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """A string naming architecture + exact weights; precision is not part of it."""
+    if cfg.pretrained is None:
+        return f"{cfg.name}/random-seed{cfg.seed}"
+    if Path(cfg.pretrained).is_file():
+        return f"{cfg.name}/sha256:{_file_sha256(cfg.pretrained)[:16]}"
+    return f"{cfg.name}/{cfg.pretrained}"
+
+
+def _hub_reachable() -> bool:
+    """Can the Hugging Face hub be reached? A DNS failure answers at once, a firewall in 3 s."""
+    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=_HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable():
+    """Force huggingface_hub offline when the hub is unreachable, so cached weights still load and
+    missing ones fail at once instead of retrying for most of a minute."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    if not previous and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _check_pretrained_tag(name: str, tag: str) -> None:
+    import open_clip
+
+    if not open_clip.get_pretrained_cfg(name, tag):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(
+            f"model.pretrained: {tag!r} is neither a file nor a pretrained tag of {name!r}. "
+            f"Available tags: {tags or 'none'}"
+        )
+
+
+def _offline_help(cfg: ModelConfig) -> str:
+    return (
+        f"Weights for {cfg.name}/{cfg.pretrained} are not cached and cannot be downloaded from here. "
+        "Provide them by one of: (1) set model.pretrained to a local checkpoint file; (2) copy the "
+        "Hugging Face cache from a connected machine and set model.cache_dir (or HF_HOME) to it; "
+        "(3) download once with network access, then run with HF_HUB_OFFLINE=1."
+    )
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _create(cfg: ModelConfig, device: str):
+    import open_clip
+    import torch
+
+    register_local_configs()
+    if cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"model.name: unknown architecture {cfg.name!r}. Available: {open_clip.list_models()}")
+    precision = cfg.precision if device.startswith("cuda") else "fp32"
+    if cfg.pretrained is None:
+        torch.manual_seed(cfg.seed)
+        return open_clip.create_model_and_transforms(cfg.name, precision=precision, device=device)
+    if not Path(cfg.pretrained).is_file():
+        _check_pretrained_tag(cfg.name, cfg.pretrained)
+    try:
+        with _hub_offline_if_unreachable():
+            return open_clip.create_model_and_transforms(
+                cfg.name, pretrained=cfg.pretrained, precision=precision, device=device,
+                cache_dir=cfg.cache_dir, weights_only=True,
+            )
+    except (FileNotFoundError, OSError, RuntimeError) as err:
+        if Path(cfg.pretrained).is_file():
+            raise
+        raise WeightsUnavailableError(_offline_help(cfg)) from err
+
+
+def load_model(cfg: ModelConfig) -> "ClipEncoder":
+    """Build the frozen model described by `cfg` (eval mode, no grad) and wrap it for encoding."""
+    import open_clip
+
+    device = _resolve_device(cfg.device)
+    model, _, preprocess = _create(cfg, device)
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size)
+
+
+class ClipEncoder:
+    """Batched, normalised float32 encoding with a frozen open_clip model.
+
+    Text encoding trims each batch's context to its longest prompt when the text tower is a causal
+    transformer: with a causal mask, tokens before the end-of-text token never attend to padding,
+    so the pooled feature is identical while a 10-token prompt costs 10 positions instead of 77.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, identity: str, device: str, batch_size: int = 64):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.batch_size = batch_size
+
+    @property
+    def cache_tag(self) -> str:
+        """Identity plus compute dtype: fp16 text features differ from fp32 ones in the 3rd digit."""
+        return f"{self.identity}|{next(self.model.parameters()).dtype}"
+
+    @property
+    def dim(self) -> int:
+        import torch
+
+        with torch.no_grad():
+            return int(self.encode_text(["a"]).shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def _can_trim(self) -> bool:
+        mask = getattr(self.model, "attn_mask", None)
+        pool = getattr(self.model, "text_pool_type", None)
+        if mask is None or pool not in ("argmax", "eos"):
+            return False
+        upper = mask[mask.new_ones(mask.shape, dtype=bool).triu(1)]
+        return bool(upper.isneginf().all() and (mask.tril() == 0).all())
+
+    def _encode_trimmed(self, tokens: "torch.Tensor") -> "torch.Tensor":
+        """open_clip's CLIP.encode_text with positions and mask cut to the longest prompt."""
+        import torch.nn.functional as F
+
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        length = int(tokens.argmax(dim=-1).max()) + 1 if model.text_pool_type == "argmax" else int(
+            (tokens != 0).sum(dim=-1).max())
+        tokens = tokens[:, :length]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type, eos_token_id=model.text_eos_id)
+        x = model.text_projection(x) if hasattr(model.text_projection, "weight") else x @ model.text_projection
+        return F.normalize(x.float(), dim=-1)
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
+        """Encode prompts -> float32 array [n, d], rows L2-normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        texts = list(texts)
+        if not texts:
+            raise ValueError("encode_text: no texts given")
+        trim = trim and self._can_trim()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+                feats = self._encode_trimmed(tokens) if trim else F.normalize(
+                    self.model.encode_text(tokens).float(), dim=-1)
+                out.append(feats.cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def encode_pixels(self, pixels: "torch.Tensor | np.ndarray") -> np.ndarray:
+        """Encode preprocessed images [n, 3, H, W] -> float32 [n, d], rows L2-normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        pixels = torch.as_tensor(pixels)
+        dtype = next(self.model.visual.parameters()).dtype
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start:start + self.batch_size].to(self.device, dtype=dtype)
+                out.append(F.normalize(self.model.encode_image(batch).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

@@ -1,0 +1,89 @@
+"""Encode a text corpus once per model: a content-addressed cache of text embeddings.
+
+Text embeddings depend only on (model identity, precision, text), so every corpus is encoded once
+and reused by every detector, seed and run. Corpora are split into fixed shards, each cached under
+the hash of its own texts, so an interrupted encoding resumes and shards can be encoded in
+parallel (the pipeline maps them over Ray tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+DEFAULT_SHARD_SIZE = 16384
+
+
+class TextEncoder(Protocol):
+    """What detectors need from a model: a name for its weights and a text encoder."""
+
+    identity: str
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CURATION_CACHE", Path.home() / ".cache" / "curation")) / "text"
+
+
+def shard_key(cache_tag: str, texts: Sequence[str]) -> str:
+    digest = hashlib.sha256(cache_tag.encode())
+    for text in texts:
+        digest.update(b"\0" + text.encode())
+    return digest.hexdigest()
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"embeddings": np.ascontiguousarray(array)}, str(tmp))
+    tmp.replace(path)  # atomic: a reader never sees half a shard
+
+
+def _load(path: Path) -> np.ndarray | None:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))["embeddings"] if path.exists() else None
+
+
+class CachedTextEncoder:
+    """Wraps an encoder; `encode_text` returns cached rows when this model has seen the texts."""
+
+    def __init__(self, encoder, cache_dir: str | Path | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                 map_shards: Callable | None = None):
+        self.encoder = encoder
+        self.identity = encoder.identity
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.shard_size = shard_size
+        self.map_shards = map_shards
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def cache_tag(self) -> str:
+        return getattr(self.encoder, "cache_tag", self.identity)
+
+    def _path(self, texts: Sequence[str]) -> Path:
+        return self.cache_dir / f"{shard_key(self.cache_tag, texts)}.safetensors"
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        shards = [texts[i:i + self.shard_size] for i in range(0, len(texts), self.shard_size)]
+        cached = [_load(self._path(shard)) for shard in shards]
+        missing = [shard for shard, rows in zip(shards, cached) if rows is None]
+        self.hits += len(shards) - len(missing)
+        self.misses += len(missing)
+        encoded = iter((self.map_shards or map)(self.encoder.encode_text, missing))
+        out = []
+        for shard, rows in zip(shards, cached):
+            if rows is None:
+                rows = np.asarray(next(encoded), dtype=np.float32)
+                _save(self._path(shard), rows)
+            out.append(rows)
+        return np.concatenate(out)
