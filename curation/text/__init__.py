@@ -1,0 +1,1 @@
+"""Text side of the detectors: prompt templates, word corpora and the text-embedding cache."""
