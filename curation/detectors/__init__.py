@@ -6,5 +6,8 @@ as JSON + safetensors.
 """
 
 from curation.detectors.base import Detector, load_detector
+from curation.detectors.hftt import HFTT
+from curation.detectors.mcm import MCM
+from curation.detectors.neglabel import NegLabel
 
-__all__ = ["Detector", "load_detector"]
+__all__ = ["Detector", "HFTT", "MCM", "NegLabel", "load_detector"]

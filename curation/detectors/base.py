@@ -162,3 +162,21 @@ def load_detector(directory: str | Path, model_identity: str | None = None) -> D
     detector.model_identity_ = meta["model_identity"]
     detector.provenance_ = meta.get("provenance", {})
     return detector
+
+
+def detector_to_files(detector: Detector) -> dict[str, bytes]:
+    """The artifact as {file name: bytes}: how fitted detectors travel between Ray workers."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        detector.save(tmp)
+        return {name: (Path(tmp) / name).read_bytes() for name in (ARTIFACT_JSON, ARTIFACT_TENSORS)}
+
+
+def detector_from_files(files: dict[str, bytes], model_identity: str | None = None) -> Detector:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_detector(tmp, model_identity)

@@ -1,0 +1,76 @@
+"""`curation` console command: a thin shell over `curation.workflow`.
+
+    curation curate   --config configs/demo.yaml [--set key=value ...]
+    curation train    --config ...      fit detectors only
+    curation rescore  --scores <run dir> --config ...
+    curation evaluate --config ... --set evaluation.wanted_uri=... --set evaluation.unwanted_uri=...
+    curation demo     build the offline demo data and run curate on it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("curate", "filter a dataset: kept/, removed/, scores/, failed/"),
+                            ("train", "fit the configured detectors (text only) and log them"),
+                            ("rescore", "apply detectors/thresholds to a previous run's stored embeddings"),
+                            ("evaluate", "AUROC / FPR@95 on labelled wanted and unwanted images"),
+                            ("demo", "offline demo: build demo data, run curate on the embedded defaults")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", default=None if name != "demo" else "configs/demo.yaml",
+                             help="YAML run config (see configs/)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override any config field, e.g. --set source.uri=s3://bucket/prefix")
+        if name == "rescore":
+            command.add_argument("--scores", required=True, help="run directory of a previous curate run")
+    return parser
+
+
+def print_summary(summary: dict) -> None:
+    counts = summary["this_run"]
+    print(f"\nrun {summary['run_name']}  ->  {summary['run_dir']}")
+    print(f"{'items':>8} {'kept':>8} {'removed':>8} {'failed':>8} {'partitions':>10}")
+    print(f"{counts['items']:>8} {counts['kept']:>8} {counts['removed']:>8} {counts['failed']:>8} "
+          f"{counts['partitions']:>10}")
+    for name, threshold in summary["thresholds"].items():
+        print(f"  {name:<20} threshold {threshold['threshold']:.4f} ({threshold['strategy']})"
+              f"  fired on {counts['fired'].get(name, 0)}")
+    print(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from curation import workflow
+    from curation.config import ConfigError, load_config
+
+    try:
+        if args.command == "demo":
+            from curation.demo import run_demo
+
+            return run_demo(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "curate":
+        print_summary(workflow.curate(cfg))
+    elif args.command == "rescore":
+        print_summary(workflow.rescore(cfg, args.scores))
+    elif args.command == "train":
+        print(json.dumps(workflow.train(cfg), indent=2, default=str))
+    else:
+        print(json.dumps(workflow.evaluate(cfg), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Run configuration: YAML -> frozen, validated dataclasses; `--set key=value` overrides.
+
+Unknown keys and wrong types are errors that name the field (`detectors[1].threshold.value`), so a
+typo never silently falls back to a default on a cluster run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from curation.models import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the images come from: a folder/prefix of image files, parquet files with an image-bytes
+    column, or WebDataset tar shards; local path or s3:// URI."""
+
+    uri: str = "./demo/data/images"
+    format: Literal["images", "parquet", "webdataset"] = "images"
+    id_column: str = "id"
+    image_column: str = "image"
+    partition_size: int = 256
+    max_pixels: int = 64_000_000
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """fixed: remove when score >= value. quantile: remove at most `value` of a sample of the
+    dataset itself. tpr: from labelled validation images (evaluation.*), keep `value` of the wanted."""
+
+    strategy: Literal["fixed", "quantile", "tpr"] = "fixed"
+    value: float = 0.5
+    sample_size: int = 1024
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    kind: Literal["hftt", "neglabel", "mcm"]
+    name: str | None = None
+    side: Literal["wanted", "unwanted"] = "wanted"
+    task_texts: list[str] = field(default_factory=list)
+    task_file: str | None = None
+    corpus: str = "wamerican-huge"
+    params: dict = field(default_factory=dict)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = "./demo/out"
+    store_embeddings: bool = True
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "curation"
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Ray resources. `gpus_per_actor` None = 1 when the cluster has GPUs, else 0. Actors take
+    fractional CPUs so read tasks always find a core (a full pool deadlocks reads on small nodes)."""
+
+    ray_address: str | None = None
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None
+    decode_cpus: float = 0.5
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    wanted_uri: str | None = None
+    unwanted_uri: str | None = None
+    format: Literal["images", "parquet", "webdataset"] = "images"
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_name: str = "demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    detectors: list[DetectorConfig] = field(default_factory=list)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        labels = [d.label for d in self.detectors]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"detectors: names must be unique, got {labels}; set `name` on each")
+
+    def decision_hash(self) -> str:
+        """Hash of everything that decides keep/remove; an output dir belongs to one such config."""
+        relevant = {k: to_dict(self)[k] for k in ("model", "detectors")}
+        relevant["source"] = {k: v for k, v in to_dict(self.source).items() if k != "storage_options"}
+        relevant["model"].pop("batch_size"), relevant["model"].pop("device")
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# -- building dataclasses from plain data, with field paths in errors ---------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, path: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            return _convert(value, arg, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (str, int, float, bool) and (type(value) is not tp):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys, missing required keys and wrong types
+    raise ConfigError naming the field."""
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `dotted.key=value` (value parsed as YAML; list items by index: detectors.0.name)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        container = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(container, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = container
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from the embedded defaults when `path` is None), apply overrides, validate."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    config = from_dict(RunConfig, data)
+    return _finalize_detectors(config, path.parent if path else Path.cwd())
+
+
+def _check_params(det: DetectorConfig, where: str) -> None:
+    from curation.detectors import Detector
+
+    valid = Detector.registry[det.kind].params
+    unknown = sorted(set(det.params) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}.params: unknown parameter(s) {unknown} for {det.kind}; valid: {list(valid)}")
+
+
+def _finalize_detectors(config: RunConfig, base: Path) -> RunConfig:
+    """Check detector params and inline `task_file` contents (one text per line, # comments) so
+    the run records its texts."""
+    detectors = []
+    for i, det in enumerate(config.detectors):
+        _check_params(det, f"detectors[{i}]")
+        texts = list(det.task_texts)
+        if det.task_file:
+            file = Path(det.task_file) if Path(det.task_file).is_absolute() else base / det.task_file
+            if not file.exists():
+                raise ConfigError(f"detectors[{i}].task_file: {file} does not exist")
+            texts += [line.strip() for line in file.read_text().splitlines()
+                      if line.strip() and not line.lstrip().startswith("#")]
+        if not texts:
+            raise ConfigError(f"detectors[{i}]: give task_texts or a task_file (both are empty)")
+        detectors.append(dataclasses.replace(det, task_texts=texts, task_file=None))
+    return dataclasses.replace(config, detectors=detectors)

@@ -1,0 +1,1 @@
+"""Pipeline stages: plan partitions, read and decode, embed and score, write outputs."""

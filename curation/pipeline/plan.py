@@ -1,0 +1,121 @@
+"""Partitions and the manifest: what a run has to do, and what earlier runs already finished.
+
+A partition is the unit of work and of resume: one parquet file, one WebDataset shard, or a group
+of image files. A partition is finished when `_manifest/<id>.json` exists; that record is written
+last, after all its outputs, so a killed run redoes exactly the unfinished partitions. Image files
+that earlier runs did not cover are grouped into new partitions, so files added to the source are
+the only ones the next (incremental) run processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from curation import storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+FORMAT_EXTENSIONS = {"images": IMAGE_EXTENSIONS, "parquet": (".parquet",), "webdataset": (".tar",)}
+OUTPUT_DIRS = ("kept", "removed", "scores", "failed")
+
+
+class OutputConflictError(RuntimeError):
+    """The output location holds a run made with another decision config."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """`inputs` are URIs relative to the source root (POSIX style), in a stable order."""
+
+    id: str
+    format: str
+    inputs: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Partition":
+        data = json.loads(text)
+        return cls(data["id"], data["format"], tuple(data["inputs"]))
+
+
+def _partition_id(inputs: list[str]) -> str:
+    return hashlib.sha1("\n".join(inputs).encode()).hexdigest()[:16]
+
+
+def relative_inputs(source_uri: str, storage_options: dict, fmt: str) -> list[str]:
+    """All input files of the source, relative to its root, sorted."""
+    root = storage.join(source_uri, "")
+    files = storage.list_files(source_uri, storage_options, FORMAT_EXTENSIONS[fmt])
+    return sorted(f[len(root):].lstrip("/") if f.startswith(root) else f for f in files)
+
+
+def make_partitions(inputs: list[str], fmt: str, partition_size: int) -> list[Partition]:
+    """Image files are grouped `partition_size` at a time; parquet files and shards stand alone."""
+    size = partition_size if fmt == "images" else 1
+    groups = [inputs[i:i + size] for i in range(0, len(inputs), size)]
+    return [Partition(_partition_id(group), fmt, tuple(group)) for group in groups]
+
+
+class RunDirectory:
+    """`<output uri>/<run name>/`: outputs, manifest, thresholds and the config that owns it."""
+
+    def __init__(self, output_uri: str, run_name: str, storage_options: dict | None = None):
+        self.uri = storage.join(output_uri, run_name)
+        self.options = storage_options or {}
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    def read_json(self, *parts: str) -> dict | None:
+        uri = self.path(*parts)
+        return json.loads(storage.read_bytes(uri, self.options)) if storage.exists(uri, self.options) else None
+
+    def write_json(self, obj, *parts: str) -> None:
+        storage.write_bytes(self.path(*parts), json.dumps(obj, indent=2, default=str).encode(), self.options)
+
+    def claim(self, decision_hash: str, config_dict: dict) -> None:
+        """Mark this directory as owned by one decision config; refuse another config's run."""
+        owner = self.read_json("_config.json")
+        if owner is not None and owner["decision_hash"] != decision_hash:
+            raise OutputConflictError(
+                f"{self.uri} already holds a run of another config (decision hash "
+                f"{owner['decision_hash']}, this config {decision_hash}). Use another run_name or "
+                "output.uri; re-running the same config resumes and adds new partitions.")
+        if owner is None:
+            self.write_json({"decision_hash": decision_hash, "config": config_dict}, "_config.json")
+
+    def manifest(self) -> dict[str, dict]:
+        """Finished partitions: id -> manifest record."""
+        folder = self.path("_manifest")
+        files = storage.list_files(folder, self.options, (".json",)) if storage.exists(folder, self.options) else []
+        records = (json.loads(storage.read_bytes(f, self.options)) for f in files)
+        return {record["partition"]["id"]: record for record in records}
+
+    def finish(self, partition: Partition, counts: dict) -> None:
+        """Written last: from now on the partition counts as done."""
+        self.write_json({"partition": asdict(partition), "counts": counts}, "_manifest", f"{partition.id}.json")
+
+    def remove_unfinished_outputs(self, finished: set[str]) -> int:
+        """Delete per-partition score/failure files with no manifest (a killed run's leftovers),
+        so a resumed run that regroups those inputs leaves no duplicate rows."""
+        removed = 0
+        for folder in ("scores", "failed"):
+            uri = self.path(folder)
+            if not storage.exists(uri, self.options):
+                continue
+            for file in storage.list_files(uri, self.options, (".parquet",)):
+                if file.rsplit("/", 1)[-1].split(".")[0] not in finished:
+                    storage.remove(file, self.options)
+                    removed += 1
+        return removed
+
+
+def plan(source_uri: str, storage_options: dict, fmt: str, partition_size: int,
+         finished: dict[str, dict]) -> list[Partition]:
+    """Partitions still to do: inputs not covered by any finished partition."""
+    done = {name for record in finished.values() for name in record["partition"]["inputs"]}
+    todo = [name for name in relative_inputs(source_uri, storage_options, fmt) if name not in done]
+    return make_partitions(todo, fmt, partition_size)

@@ -1,0 +1,296 @@
+"""The only module that talks to MLflow: one small tracker the driver opens once per run.
+
+Why a wrapper: MLflow rejects long param values, over-full batches and non-finite metrics with
+errors that surface at the end of a long run, and it would happily store a storage secret given in
+a config. `Tracker` bounds param lengths, batches every call, skips non-finite metrics with a
+warning and redacts secret-looking keys. It uses an explicit `MlflowClient`, so it sets no global
+MLflow state (no active run, no global tracking URI). mlflow and matplotlib are imported inside
+the functions that need them, so `import curation` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_VALUE_CHARS = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
+REDACTED = "<redacted>"
+_SECRET_WORDS = ("key", "secret", "token", "password")
+_NOT_SECRET = frozenset({"endpoint_url"})
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed param/metric name characters
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """None or "" -> `sqlite:///<absolute cwd>/mlflow.db`, MLflow's own default store, which
+    `mlflow ui --backend-store-uri <that uri>` reads; anything else is passed through."""
+    if not uri:
+        return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+    return uri
+
+
+def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys (`source.storage_options.key`); lists -> JSON strings, with
+    secret keys inside them redacted first (once a JSON string, they no longer look like keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(_redact_params(value), default=str)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_secret_key(key: str) -> bool:
+    last = str(key).rsplit(".", 1)[-1].lower()
+    return last not in _NOT_SECRET and any(word in last for word in _SECRET_WORDS)
+
+
+def _redact_params(params: Any) -> Any:
+    """Replace the value of every key whose last dotted component names a secret (key, secret,
+    token, password; `endpoint_url` excepted), at any depth, lists included, so neither a flat
+    `storage_options.secret` nor a nested one reaches MLflow."""
+    if isinstance(params, dict):
+        return {k: REDACTED if _is_secret_key(k) else _redact_params(v) for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return [_redact_params(v) for v in params]
+    return params
+
+
+def _clean_name(key: str) -> str:
+    """MLflow refuses names with characters outside [/\\w.\\- :]; map them to `_`."""
+    return _BAD_NAME_CHARS.sub("_", str(key))
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Tracker:
+    """One MLflow run, as a context manager; only the driver uses it.
+
+    ```
+    with Tracker(uri, "curation", "demo", tags={"stage": "curate"}) as tracker:
+        tracker.log_params(to_dict(config))
+        tracker.log_metrics({"kept": 10, "removed": 2})
+    ```
+    The run ends FINISHED, or FAILED when the block raises (KILLED on KeyboardInterrupt).
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str,
+                 tags: dict | None = None):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._client = None
+
+    # -- run lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> Tracker:
+        import mlflow
+
+        self._client = mlflow.MlflowClient(self.tracking_uri)
+        self.experiment_id = self._experiment_id()
+        run = self._client.create_run(self.experiment_id, run_name=self.run_name,
+                                      tags=_context_tags(self._clean_tags(self.tags)))
+        self.run_id = run.info.run_id
+        logger.info("MLflow run %s (%s) in experiment %r at %s", self.run_name, self.run_id,
+                    self.experiment, self.tracking_uri)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            status = "FINISHED"
+        else:
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception:
+            if exc_type is None:
+                raise
+            # never hide the run's own error behind a tracking-server hiccup
+            logger.exception("could not mark MLflow run %s %s", self.run_id, status)
+
+    def _experiment_id(self) -> str:
+        """Existing experiment's id, or a new one's; a deleted experiment of that name is an error
+        (MLflow would refuse the run with a less helpful message)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self._client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                return self._client.create_experiment(self.experiment)
+            except MlflowException:  # created concurrently by another driver
+                found = self._client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        if found.lifecycle_stage != "active":
+            raise ValueError(
+                f"MLflow experiment {self.experiment!r} at {self.tracking_uri} is deleted; restore "
+                f"it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+                f"or choose another tracking.experiment")
+        return found.experiment_id
+
+    # -- params, tags, metrics ------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        """Params as strings of at most 6000 chars; nested dicts are flattened first and secret
+        keys redacted. MLflow params are immutable: re-logging a key with another value raises."""
+        from mlflow.entities import Param
+
+        flat = flatten(_redact_params(params))
+        items = [Param(_clean_name(k), str(v)[:MAX_PARAM_VALUE_CHARS]) for k, v in flat.items()]
+        for chunk in _chunks(items, PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: dict) -> None:
+        """Tags as strings of at most 8000 chars; secret keys redacted."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in self._clean_tags(tags).items()]
+        for chunk in _chunks(items, PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=chunk)
+
+    @staticmethod
+    def _clean_tags(tags: dict) -> dict[str, str]:
+        flat = flatten(_redact_params(tags))
+        return {_clean_name(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in flat.items()}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Numeric metrics at `step` (0 when None). NaN/inf are skipped with a logged warning rather
+        than stored (they make charts and run comparisons meaningless); non-numbers raise TypeError."""
+        from mlflow.entities import Metric
+
+        timestamp, items = int(time.time() * 1000), []
+        for key, value in metrics.items():
+            if not isinstance(value, numbers.Real):
+                raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__} "
+                                f"{value!r}; log text as a param or tag")
+            if not math.isfinite(float(value)):
+                logger.warning("MLflow metric %r skipped: value %r is not finite", key, value)
+                continue
+            items.append(Metric(_clean_name(key), float(value), timestamp, step or 0))
+        for chunk in _chunks(items, METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk)
+
+    # -- artifacts ------------------------------------------------------------------------------
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """`obj` as indented JSON at `artifact_file` (e.g. "config.json"), secret keys redacted
+        as in `log_params` (a config's storage options would otherwise land in the artifact)."""
+        text = json.dumps(_redact_params(obj), indent=2, default=str)
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Every file under `local_dir` (e.g. a detector directory) under `artifact_path`."""
+        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_score_histograms(self, scores: dict[str, np.ndarray], thresholds: dict[str, float],
+                             artifact_path: str = "plots") -> list[str]:
+        """One PNG per detector, `<artifact_path>/scores_<detector>.png`: histogram of its unwanted
+        scores (shape (n_images,), in [0, 1]) with its threshold and removal rate (score >=
+        threshold). A detector missing from `thresholds` gets no line. Returns the artifact paths."""
+        with tempfile.TemporaryDirectory(prefix="curation-plots-") as tmp:
+            names = [_plot_histogram(name, np.asarray(values, dtype=np.float64).ravel(),
+                                     thresholds.get(name), Path(tmp))
+                     for name, values in scores.items()]
+            self.log_artifacts(tmp, artifact_path)
+        return [f"{artifact_path}/{name}" if artifact_path else name for name in names]
+
+    def log_roc_curves(self, scores: dict[str, np.ndarray], labels: np.ndarray,
+                       artifact_file: str = "plots/roc.png") -> None:
+        """One ROC figure for all detectors; `labels` of shape (n_images,) with 1 = unwanted
+        (positive), scores of the same shape with higher = more unwanted."""
+        from curation.metrics import auroc
+
+        labels = np.asarray(labels).ravel()
+        fig, ax = _figure()
+        for name, values in scores.items():
+            fpr, tpr = roc_points(values, labels)
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(values, labels):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="false-positive rate (wanted removed)",
+               ylabel="true-positive rate (unwanted removed)", xlim=(0, 1), ylim=(0, 1.01),
+               title=f"ROC, {int(labels.sum())} unwanted / {int((labels == 0).sum())} wanted")
+        ax.legend(loc="lower right")
+        self._log_figure(fig, artifact_file)
+
+    def _log_figure(self, fig, artifact_file: str) -> None:
+        artifact_path, _, filename = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="curation-plots-") as tmp:
+            fig.savefig(Path(tmp) / filename, dpi=100)
+            self.log_artifact(Path(tmp) / filename, artifact_path or None)
+
+
+def _context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """User tags plus MLflow's context tags (user, source name/type, git commit), which its fluent
+    API adds on `start_run` and `MlflowClient.create_run` does not; the UI shows them per run."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+    except ImportError:  # internal API moved: the run is still valid without them
+        return tags
+    return resolve_tags(tags)
+
+
+def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr), each of shape (n_distinct_scores + 1,), from (0, 0) to (1, 1): one point per
+    distinct score threshold (score >= t flagged), ties stepping together. Labels 1 = positive."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels differ in length: {scores.shape[0]} vs {labels.shape[0]}")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    tpr = np.r_[0.0, tps / max(labels.sum(), 1)]
+    fpr = np.r_[0.0, fps / max((~labels).sum(), 1)]
+    return fpr, tpr
+
+
+def _figure(size=(6.4, 4.8)):
+    """A matplotlib Figure on the Agg canvas, made without pyplot, so no global backend or figure
+    registry is touched (the driver may be a notebook with its own backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _plot_histogram(name: str, values: np.ndarray, threshold: float | None, out_dir: Path) -> str:
+    values = values[np.isfinite(values)]
+    fig, ax = _figure()
+    ax.hist(values, bins=50, range=(0.0, 1.0), color="tab:blue")
+    title = f"{name}: {values.size} scores"
+    if threshold is not None:
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.4g}")
+        rate = float((values >= threshold).mean()) if values.size else 0.0
+        title += f", removal rate {rate:.1%}"
+        ax.legend(loc="upper center")
+    ax.set(xlabel="unwanted score", ylabel="images", xlim=(0, 1), title=title)
+    filename = "scores_" + re.sub(r"[^\w.-]", "_", name) + ".png"
+    fig.savefig(out_dir / filename, dpi=100)
+    return filename

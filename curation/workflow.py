@@ -1,0 +1,489 @@
+"""The jobs: train detectors, curate a dataset, rescore stored embeddings, evaluate on labelled
+images. Each is a function of a validated `RunConfig`; the CLI and `jobs/*.py` are thin shells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from curation import storage
+from curation.config import DetectorConfig, RunConfig, to_dict
+from curation.models import ModelConfig, model_identity
+from curation.pipeline import ray_data
+from curation.pipeline.plan import Partition, RunDirectory, make_partitions, plan, relative_inputs
+from curation.pipeline.write import FAILED, write_partition
+
+log = logging.getLogger("curation")
+NEVER = math.inf  # threshold that never fires: used while only scores are wanted
+
+
+# -- detectors ---------------------------------------------------------------------------------
+def cache_root(cfg: RunConfig) -> Path:
+    from curation.text.cache import default_cache_dir
+
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
+
+
+def build_detector(det: DetectorConfig):
+    from curation.detectors import Detector
+
+    return Detector.registry[det.kind](det.task_texts, side=det.side, name=det.label, **det.params)
+
+
+def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) -> dict[str, bytes]:
+    """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached)."""
+    from curation.detectors.base import detector_to_files
+    from curation.text.cache import CachedTextEncoder
+    from curation.text.corpora import load_word_corpus
+
+    encoder = CachedTextEncoder(ray_data._worker_model(model_cfg), Path(cache_dir) / "text",
+                                map_shards=ray_data.ray_map_shards(model_cfg))
+    detector = build_detector(det)
+    if det.kind == "hftt":
+        detector.fit(encoder, load_word_corpus(det.corpus))
+    else:
+        detector.fit(encoder)
+    return detector_to_files(detector)
+
+
+def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
+    """Fitted state depends on the model and everything but the threshold."""
+    fit_config = {k: v for k, v in dataclasses.asdict(det).items() if k != "threshold"}
+    payload = json.dumps({"model": model_identity(model_cfg), "detector": fit_config}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, bool]]:
+    """Artifacts of every configured detector: reused from the cache when config and model match,
+    otherwise fitted in Ray Tasks (one per detector) and cached."""
+    root = cache_root(cfg) / "detectors"
+    keys = [detector_key(cfg.model, det) for det in cfg.detectors]
+    reused = {det.label: (root / key / "detector.json").exists() for det, key in zip(cfg.detectors, keys)}
+    todo = [(cfg.model, det, str(cache_root(cfg))) for det in cfg.detectors if not reused[det.label]]
+    fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0) if todo else [])
+    artifacts = []
+    for det, key in zip(cfg.detectors, keys):
+        files = {p.name: p.read_bytes() for p in (root / key).iterdir()} if reused[det.label] else next(fitted)
+        (root / key).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (root / key / name).write_bytes(data)
+        artifacts.append(files)
+    return artifacts, reused
+
+
+def load_artifacts(artifacts: list[dict[str, bytes]]):
+    from curation.detectors.base import detector_from_files
+
+    return [detector_from_files(files) for files in artifacts]
+
+
+# -- scoring image sets (calibration and evaluation) -------------------------------------------
+def preprocess_of(cfg: RunConfig) -> tuple[int, tuple, tuple]:
+    from curation.pipeline.decode import preprocess_config
+
+    return preprocess_config(cfg.model.name, cfg.model.pretrained)
+
+
+def score_partitions(cfg: RunConfig, root: str, partitions: list[Partition], artifacts,
+                     source=None) -> dict[str, np.ndarray]:
+    """Scores of every decodable item in `partitions` (no decisions, nothing written)."""
+    source = source or cfg.source
+    never = {det.label: NEVER for det in cfg.detectors}
+    batches = [] if not partitions else list(ray_data.stream(partitions, root, source, cfg.model, cfg.compute, artifacts, never,
+                                   preprocess_of(cfg)))
+    if not batches:
+        return {f"score_{d.label}": np.zeros(0, np.float32) for d in cfg.detectors} | {"failed": 0}
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    ok = merged["decision"] != FAILED
+    return {f"score_{d.label}": merged[f"score_{d.label}"][ok] for d in cfg.detectors} | {"failed": int((~ok).sum())}
+
+
+def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts) -> dict[str, np.ndarray]:
+    source = dataclasses.replace(cfg.source, uri=uri, format=fmt, storage_options=options)
+    partitions = make_partitions(relative_inputs(uri, options, fmt), fmt, cfg.source.partition_size)
+    if not partitions:
+        raise ValueError(f"no {fmt} inputs found under {uri}")
+    return score_partitions(cfg, uri, partitions, artifacts, source)
+
+
+# -- thresholds --------------------------------------------------------------------------------
+def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
+    """Smallest threshold that flags at most `rate` of `scores` (ties are never split)."""
+    ordered = np.sort(scores)[::-1]
+    allowed = int(math.floor(rate * len(ordered)))
+    if allowed >= len(ordered):
+        return float(ordered[-1]) if len(ordered) else 0.0
+    return float(np.nextafter(np.float32(ordered[allowed]), np.float32(np.inf)))
+
+
+def calibration_partitions(cfg: RunConfig, partitions: list[Partition], sample_size: int) -> list[Partition]:
+    """A deterministic spread-out sample: image files every k-th, else the first files."""
+    if cfg.source.format == "images":
+        names = [name for p in partitions for name in p.inputs]
+        step = max(1, len(names) // sample_size)
+        return make_partitions(names[::step][:sample_size], "images", cfg.source.partition_size)
+    return partitions[: max(1, min(len(partitions), 4))]
+
+
+def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Partition], artifacts) -> dict:
+    """Threshold per detector, with how it was chosen. Data-derived thresholds are stored in the
+    run directory and reused, so incremental runs decide with the same thresholds."""
+    stored = run.read_json("_thresholds.json") or {}
+    result, pending = {}, []
+    for det in cfg.detectors:
+        rule = det.threshold
+        if det.label in stored:
+            result[det.label] = stored[det.label]
+        elif rule.strategy == "fixed":
+            result[det.label] = {"strategy": "fixed", "threshold": rule.value}
+        else:
+            pending.append(det)
+    if any(d.threshold.strategy == "quantile" for d in pending):
+        sample_size = max(d.threshold.sample_size for d in pending)
+        scores = score_partitions(cfg, cfg.source.uri, calibration_partitions(cfg, partitions, sample_size), artifacts)
+        for det in (d for d in pending if d.threshold.strategy == "quantile"):
+            sample = scores[f"score_{det.label}"]
+            result[det.label] = {"strategy": "quantile", "rate": det.threshold.value, "sample": int(len(sample)),
+                                 "threshold": threshold_for_rate(sample, det.threshold.value) if len(sample) else 1.0}
+    if any(d.threshold.strategy == "tpr" for d in pending):
+        result.update(_tpr_thresholds(cfg, [d for d in pending if d.threshold.strategy == "tpr"], artifacts))
+    run.write_json(result, "_thresholds.json")
+    return result
+
+
+def _tpr_thresholds(cfg: RunConfig, detectors: list[DetectorConfig], artifacts) -> dict:
+    ev = cfg.evaluation
+    if not ev.wanted_uri:
+        raise ValueError("threshold strategy 'tpr' needs evaluation.wanted_uri (labelled wanted images)")
+    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)
+    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts) if ev.unwanted_uri else None
+    out = {}
+    for det in detectors:
+        keep = wanted[f"score_{det.label}"]
+        threshold = threshold_for_rate(keep, 1.0 - det.threshold.value)
+        record = {"strategy": "tpr", "tpr": det.threshold.value, "threshold": threshold,
+                  "wanted_kept": float((keep < threshold).mean())}
+        if unwanted is not None:
+            record["fpr_unwanted_kept"] = float((unwanted[f"score_{det.label}"] < threshold).mean())
+        out[det.label] = record
+    return out
+
+
+# -- curate ------------------------------------------------------------------------------------
+class PartitionCollector:
+    """Groups streamed rows by partition; yields a partition's columns once all its rows arrived."""
+
+    def __init__(self, partitions: list[Partition]):
+        self.partitions = {p.id: p for p in partitions}
+        self.rows: dict[str, list[dict]] = {}
+        self.seen: dict[str, int] = {}
+
+    def add(self, batch: dict[str, np.ndarray]):
+        for pid in np.unique(batch["partition"]):
+            mask = batch["partition"] == pid
+            part = {k: v[mask] for k, v in batch.items()}
+            self.rows.setdefault(pid, []).append(part)
+            self.seen[pid] = self.seen.get(pid, 0) + int(mask.sum())
+            if self.seen[pid] == int(part["n_items"][0]):
+                chunks = self.rows.pop(pid)
+                yield self.partitions[pid], {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def unseen(self, dim: int, detector_names: list[str]):
+        """Partitions that produced no rows at all (empty files): finished with empty outputs."""
+        if self.rows:
+            raise RuntimeError(f"stream ended with incomplete partitions: {sorted(self.rows)}")
+        empty = {k: np.zeros(0, object) for k in ("partition", "id", "source", "error_kind", "error_message",
+                                                  "decision", "fired")}
+        empty |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64),
+                  "embedding": np.zeros((0, dim), np.float32)}
+        empty |= {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
+        for pid, partition in self.partitions.items():
+            if pid not in self.seen:
+                yield partition, empty
+
+
+def _write_task(run: RunDirectory, partition, results, source_root, source_options, names, store):
+    return write_partition(run, partition, results, source_root, source_options, names, store)
+
+
+def _sum_counts(counts: list[dict], names: list[str]) -> dict:
+    total = {k: sum(c[k] for c in counts) for k in ("items", "kept", "removed", "failed")}
+    total["fired"] = {n: sum(c["fired"].get(n, 0) for c in counts) for n in names}
+    total["partitions"] = len(counts)
+    return total
+
+
+def curate(cfg: RunConfig) -> dict:
+    """The main job: fit (or reuse) detectors, decide thresholds, stream, write, track."""
+    timings, started = {}, time.perf_counter()
+    storage.check_reachable(cfg.source.uri, cfg.source.storage_options)
+    storage.check_reachable(cfg.output.uri, cfg.output.storage_options)
+    ray_data.init_ray(cfg.compute.ray_address)
+    run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    run.claim(cfg.decision_hash(), _loggable(cfg))
+    finished = run.manifest()
+    run.remove_unfinished_outputs(set(finished))
+    partitions = plan(cfg.source.uri, cfg.source.storage_options, cfg.source.format, cfg.source.partition_size, finished)
+    log.info("%d partitions to do, %d already finished", len(partitions), len(finished))
+
+    tick = time.perf_counter()
+    artifacts, reused = fitted_detectors(cfg)
+    timings["fit_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    thresholds = resolve_thresholds(cfg, run, partitions, artifacts)
+    timings["thresholds_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    names = [d.label for d in cfg.detectors]
+    scores = {n: [] for n in names}
+    collector, refs = PartitionCollector(partitions), []
+    write_args = (cfg.source.uri, cfg.source.storage_options, names, cfg.output.store_embeddings)
+    values = {n: t["threshold"] for n, t in thresholds.items()}
+    for batch in ray_data.stream(partitions, cfg.source.uri, cfg.source, cfg.model, cfg.compute, artifacts,
+                                 values, preprocess_of(cfg)):
+        for n in names:
+            scores[n].append(batch[f"score_{n}"][batch["decision"] != FAILED])
+        for partition, results in collector.add(batch):
+            refs.append(ray_data.submit(_write_task, run, partition, results, *write_args))
+    dim = load_artifacts(artifacts[:1])[0].dim_ if artifacts else 0
+    for partition, results in collector.unseen(dim, names):
+        refs.append(ray_data.submit(_write_task, run, partition, results, *write_args))
+    counts = ray_data.wait_all(refs)
+    timings["stream_and_write_s"] = time.perf_counter() - tick
+    timings["total_s"] = time.perf_counter() - started
+
+    this_run = _sum_counts(counts, names)
+    summary = {
+        "run_name": cfg.run_name, "run_dir": run.uri, "decision_hash": cfg.decision_hash(),
+        "model": model_identity(cfg.model), "thresholds": thresholds, "detectors_reused": reused,
+        "this_run": this_run, "total": _sum_counts([r["counts"] for r in run.manifest().values()], names),
+        "throughput_items_per_s": this_run["items"] / timings["stream_and_write_s"] if this_run["items"] else 0.0,
+        "timings": timings,
+    }
+    summary["mlflow_run_id"] = _track_curate(cfg, summary, artifacts,
+                                             {n: np.concatenate(v) if v else np.zeros(0) for n, v in scores.items()})
+    run.write_json(summary, "summary.json")
+    return summary
+
+
+def _loggable(cfg: RunConfig) -> dict:
+    """The config as data with storage secrets redacted: safe for MLflow, logs and summary files."""
+    data = to_dict(cfg)
+    for section in ("source", "output", "evaluation"):
+        data[section]["storage_options"] = storage.redact(data[section]["storage_options"])
+    return data
+
+
+# -- tracking ----------------------------------------------------------------------------------
+def _detector_dirs(artifacts, into: Path) -> dict[str, Path]:
+    dirs = {}
+    for files in artifacts:
+        name = json.loads(files["detector.json"])["name"]
+        dirs[name] = into / name
+        dirs[name].mkdir(parents=True)
+        for file, data in files.items():
+            (dirs[name] / file).write_bytes(data)
+    return dirs
+
+
+def _detector_params(artifacts) -> dict:
+    """Per detector: kind, side, hyper-parameters and corpus provenance (not the word lists)."""
+    out = {}
+    for files in artifacts:
+        meta = json.loads(files["detector.json"])
+        provenance = {k: v for k, v in meta["provenance"].items() if k != "negative_labels"}
+        out[meta["name"]] = {"kind": meta["kind"], "side": meta["side"], "n_task_texts": len(meta["task_texts"]),
+                             "params": meta["params"], "provenance": provenance}
+    return out
+
+
+def _track_curate(cfg: RunConfig, summary: dict, artifacts, scores: dict[str, np.ndarray]) -> str:
+    from curation.tracking import Tracker, flatten
+
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags={"job": "curate"}) as tracker:
+        tracker.log_params(flatten({"config": _loggable(cfg), "model_identity": summary["model"],
+                                    "detector": _detector_params(artifacts)}))
+        metrics = {f"threshold.{n}": t["threshold"] for n, t in summary["thresholds"].items()}
+        for scope in ("this_run", "total"):
+            counts = summary[scope]
+            metrics |= {f"{scope}.{k}": counts[k] for k in ("items", "kept", "removed", "failed", "partitions")}
+            metrics |= {f"{scope}.fired.{n}": v for n, v in counts["fired"].items()}
+            decided = counts["kept"] + counts["removed"]
+            metrics |= {f"{scope}.removal_rate": counts["removed"] / decided if decided else 0.0}
+            metrics |= {f"{scope}.removal_rate.{n}": v / decided if decided else 0.0 for n, v in counts["fired"].items()}
+        metrics |= {f"timing.{k}": v for k, v in summary["timings"].items()}
+        metrics["throughput_items_per_s"] = summary["throughput_items_per_s"]
+        tracker.log_metrics(metrics)
+        tracker.log_score_histograms(scores, {n: t["threshold"] for n, t in summary["thresholds"].items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in _detector_dirs(artifacts, Path(tmp)).items():
+                tracker.log_artifacts(str(path), f"detectors/{name}")
+        tracker.log_dict(summary, "summary.json")
+        return tracker.run_id
+
+
+# -- train / rescore / evaluate ----------------------------------------------------------------
+def train(cfg: RunConfig) -> dict:
+    """Fit the configured detectors only; artifacts to the cache, the run directory and MLflow."""
+    from curation.tracking import Tracker, flatten
+
+    ray_data.init_ray(cfg.compute.ray_address)
+    tick = time.perf_counter()
+    artifacts, reused = fitted_detectors(cfg)
+    run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    for files in artifacts:
+        name = json.loads(files["detector.json"])["name"]
+        for file, data in files.items():
+            storage.write_bytes(run.path("detectors", name, file), data, run.options)
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags={"job": "train"}) as tracker:
+        tracker.log_params(flatten({"config": _loggable(cfg), "model_identity": model_identity(cfg.model),
+                                    "detector": _detector_params(artifacts)}))
+        tracker.log_metrics({"timing.fit_s": time.perf_counter() - tick})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in _detector_dirs(artifacts, Path(tmp)).items():
+                tracker.log_artifacts(str(path), f"detectors/{name}")
+        run_id = tracker.run_id
+    return {"detectors": run.path("detectors"), "reused": reused, "mlflow_run_id": run_id}
+
+
+def _read_parquet(uri: str, options: dict):
+    import pyarrow.parquet as pq
+
+    import io
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
+
+
+def _stored_results(previous: RunDirectory, pid: str, names: list[str]) -> dict[str, np.ndarray]:
+    """A finished partition's rows rebuilt from its scores/ and failed/ files (embeddings included)."""
+    scored = _read_parquet(previous.path("scores", f"{pid}.parquet"), previous.options)
+    failed = _read_parquet(previous.path("failed", f"{pid}.parquet"), previous.options)
+    if "embedding" not in scored.column_names:
+        raise ValueError(f"{previous.uri}/scores holds no embeddings: run curate with output.store_embeddings=true")
+    n_ok, n_bad = scored.num_rows, failed.num_rows
+    dim = scored.schema.field("embedding").type.list_size
+    embedding = np.asarray(scored.column("embedding").combine_chunks().flatten(), np.float32).reshape(n_ok, dim)
+    column = lambda name: np.array(scored.column(name).to_pylist() + failed.column(name).to_pylist(), dtype=object)
+    return {"id": column("id"), "source": column("source"),
+            "position": np.array(scored.column("position").to_pylist() + failed.column("position").to_pylist()),
+            "error_kind": np.array([""] * n_ok + failed.column("error_kind").to_pylist(), dtype=object),
+            "error_message": np.array([""] * n_ok + failed.column("message").to_pylist(), dtype=object),
+            "embedding": np.concatenate([embedding, np.zeros((n_bad, dim), np.float32)])}
+
+
+def rescore(cfg: RunConfig, scores_uri: str) -> dict:
+    """Apply the configured detectors and thresholds to the embeddings a previous run stored:
+    no CLIP forward pass. Writes a full run directory (kept/removed/scores/failed) for `cfg`."""
+    from curation.pipeline.score import decide
+
+    tick = time.perf_counter()
+    previous = RunDirectory(scores_uri, "", cfg.output.storage_options)
+    owner = previous.read_json("_config.json")
+    if owner is None:
+        raise FileNotFoundError(f"{scores_uri} is not a curate run directory (no _config.json)")
+    previous_model = model_identity(ModelConfig(**owner["config"]["model"]))
+    if previous_model != model_identity(cfg.model):
+        raise ValueError(f"{scores_uri} stored embeddings of {previous_model}, the config uses "
+                         f"{model_identity(cfg.model)}: detectors must be fitted for the same model")
+    ray_data.init_ray(cfg.compute.ray_address)
+    artifacts, _ = fitted_detectors(cfg)
+    detectors, names = load_artifacts(artifacts), [d.label for d in cfg.detectors]
+    records = previous.manifest()
+    partitions = {pid: Partition(pid, r["partition"]["format"], tuple(r["partition"]["inputs"])) for pid, r in records.items()}
+    stored = {pid: _stored_results(previous, pid, names) for pid in partitions}
+    thresholds = _rescore_thresholds(cfg, detectors, stored, artifacts)
+    run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    run.claim(cfg.decision_hash(), _loggable(cfg))
+    values = {n: t["threshold"] for n, t in thresholds.items()}
+    refs = []
+    for pid, results in stored.items():
+        results |= decide(results["embedding"], results["error_kind"] == "", detectors, values)
+        refs.append(ray_data.submit(_write_task, run, partitions[pid], results, cfg.source.uri,
+                                    cfg.source.storage_options, names, cfg.output.store_embeddings))
+    this_run = _sum_counts(ray_data.wait_all(refs), names)
+    summary = {"run_name": cfg.run_name, "run_dir": run.uri, "rescored_from": scores_uri,
+               "model": previous_model, "thresholds": thresholds, "this_run": this_run, "total": this_run,
+               "throughput_items_per_s": this_run["items"] / (time.perf_counter() - tick),
+               "timings": {"total_s": time.perf_counter() - tick}, "detectors_reused": {}}
+    scores = {n: np.concatenate([r[f"score_{n}"][r["error_kind"] == ""] for r in stored.values()]) if stored
+              else np.zeros(0) for n in names}
+    summary["mlflow_run_id"] = _track_curate(cfg, summary, artifacts, scores)
+    run.write_json(summary, "summary.json")
+    return summary
+
+
+def _rescore_thresholds(cfg: RunConfig, detectors, stored: dict, artifacts) -> dict:
+    """fixed as configured; quantile over all stored embeddings; tpr from the labelled images."""
+    out = {}
+    embeddings = [r["embedding"][r["error_kind"] == ""] for r in stored.values()]
+    all_embeddings = np.concatenate(embeddings) if embeddings else np.zeros((0, detectors[0].dim_), np.float32)
+    for det_cfg, detector in zip(cfg.detectors, detectors):
+        rule = det_cfg.threshold
+        if rule.strategy == "fixed":
+            out[det_cfg.label] = {"strategy": "fixed", "threshold": rule.value}
+        elif rule.strategy == "quantile":
+            sample = detector.score(all_embeddings) if len(all_embeddings) else np.zeros(0)
+            out[det_cfg.label] = {"strategy": "quantile", "rate": rule.value, "sample": int(len(sample)),
+                                  "threshold": threshold_for_rate(sample, rule.value) if len(sample) else 1.0}
+    tpr = [d for d in cfg.detectors if d.threshold.strategy == "tpr"]
+    return out | (_tpr_thresholds(cfg, tpr, artifacts) if tpr else {})
+
+
+def evaluate(cfg: RunConfig) -> dict:
+    """Labelled wanted/unwanted images -> per detector AUROC and FPR@95%TPR (unwanted = positive,
+    and the ID-positive direction of the NegLabel tables), the threshold's precision/recall."""
+    from curation.metrics import auroc, fpr_at_tpr
+    from curation.tracking import Tracker, flatten
+
+    ev = cfg.evaluation
+    if not (ev.wanted_uri and ev.unwanted_uri):
+        raise ValueError("evaluate needs evaluation.wanted_uri and evaluation.unwanted_uri")
+    ray_data.init_ray(cfg.compute.ray_address)
+    artifacts, _ = fitted_detectors(cfg)
+    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)
+    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts)
+    report, all_scores = {}, {}
+    for det in cfg.detectors:
+        w, u = wanted[f"score_{det.label}"], unwanted[f"score_{det.label}"]
+        scores, labels = np.concatenate([w, u]), np.r_[np.zeros(len(w)), np.ones(len(u))]
+        all_scores[det.label] = scores
+        threshold = _evaluation_threshold(det, w, scores)
+        flagged = scores >= threshold
+        report[det.label] = {
+            "auroc": auroc(scores, labels), "fpr95": fpr_at_tpr(scores, labels, 0.95),
+            "fpr95_wanted_positive": fpr_at_tpr(-scores, 1 - labels, 0.95),
+            "n_wanted": int(len(w)), "n_unwanted": int(len(u)),
+            "threshold": threshold,
+            "precision": float(labels[flagged].mean()) if flagged.any() else 0.0,
+            "recall": float(flagged[labels == 1].mean()),
+            "failed_wanted": wanted["failed"], "failed_unwanted": unwanted["failed"],
+        }
+    run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    run.write_json(report, "evaluation.json")
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags={"job": "evaluate"}) as tracker:
+        tracker.log_params(flatten({"config": _loggable(cfg), "model_identity": model_identity(cfg.model),
+                                    "detector": _detector_params(artifacts)}))
+        tracker.log_metrics({f"{name}.{k}": v for name, r in report.items() for k, v in r.items()
+                             if isinstance(v, (int, float))})
+        tracker.log_roc_curves(all_scores, np.r_[np.zeros(len(w)), np.ones(len(u))])
+        tracker.log_score_histograms(all_scores, {n: r["threshold"] for n, r in report.items()})
+        tracker.log_dict(report, "evaluation.json")
+    return report
+
+
+def _evaluation_threshold(det: DetectorConfig, wanted_scores: np.ndarray, all_scores: np.ndarray) -> float:
+    rule = det.threshold
+    if rule.strategy == "fixed":
+        return rule.value
+    if rule.strategy == "tpr":
+        return threshold_for_rate(wanted_scores, 1.0 - rule.value)
+    return threshold_for_rate(all_scores, rule.value)
