@@ -74,6 +74,7 @@ def mlflow_server(tmp_path: Path, timeout: float = START_TIMEOUT_S):
     """Yield the URL (`http://127.0.0.1:<port>`) of a fresh MLflow server storing under
     `tmp_path` (mlflow.db, artifacts/, server.log); stop it, process group and all, on exit."""
     tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow), "server",
