@@ -20,6 +20,7 @@ from curation.config import DetectorConfig, RunConfig, to_dict
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.plan import Partition, RunDirectory, make_partitions, plan, relative_inputs
+from curation.pipeline.read import read_parquet_table
 from curation.pipeline.write import FAILED, write_partition
 
 log = logging.getLogger("curation")
@@ -45,8 +46,11 @@ def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) ->
     from curation.text.cache import CachedTextEncoder
     from curation.text.corpora import load_word_corpus
 
-    encoder = CachedTextEncoder(ray_data._worker_model(model_cfg), Path(cache_dir) / "text",
-                                map_shards=ray_data.ray_map_shards(model_cfg))
+    import torch
+
+    # On a GPU the task encodes its own shards; on CPUs, shards fan out over Ray Tasks.
+    map_shards = None if torch.cuda.is_available() else ray_data.ray_map_shards(model_cfg)
+    encoder = CachedTextEncoder(ray_data._worker_model(model_cfg), Path(cache_dir) / "text", map_shards=map_shards)
     detector = build_detector(det)
     if det.kind == "hftt":
         detector.fit(encoder, load_word_corpus(det.corpus))
@@ -69,7 +73,8 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
     keys = [detector_key(cfg.model, det) for det in cfg.detectors]
     reused = {det.label: (root / key / "detector.json").exists() for det, key in zip(cfg.detectors, keys)}
     todo = [(cfg.model, det, str(cache_root(cfg))) for det in cfg.detectors if not reused[det.label]]
-    fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0) if todo else [])
+    gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
+    fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
     artifacts = []
     for det, key in zip(cfg.detectors, keys):
         files = {p.name: p.read_bytes() for p in (root / key).iterdir()} if reused[det.label] else next(fitted)
@@ -355,18 +360,10 @@ def train(cfg: RunConfig) -> dict:
     return {"detectors": run.path("detectors"), "reused": reused, "mlflow_run_id": run_id}
 
 
-def _read_parquet(uri: str, options: dict):
-    import pyarrow.parquet as pq
-
-    import io
-
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
-
-
-def _stored_results(previous: RunDirectory, pid: str, names: list[str]) -> dict[str, np.ndarray]:
+def stored_results(previous: RunDirectory, pid: str) -> dict[str, np.ndarray]:
     """A finished partition's rows rebuilt from its scores/ and failed/ files (embeddings included)."""
-    scored = _read_parquet(previous.path("scores", f"{pid}.parquet"), previous.options)
-    failed = _read_parquet(previous.path("failed", f"{pid}.parquet"), previous.options)
+    scored = read_parquet_table(previous.path("scores", f"{pid}.parquet"), previous.options)
+    failed = read_parquet_table(previous.path("failed", f"{pid}.parquet"), previous.options)
     if "embedding" not in scored.column_names:
         raise ValueError(f"{previous.uri}/scores holds no embeddings: run curate with output.store_embeddings=true")
     n_ok, n_bad = scored.num_rows, failed.num_rows
@@ -399,7 +396,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     detectors, names = load_artifacts(artifacts), [d.label for d in cfg.detectors]
     records = previous.manifest()
     partitions = {pid: Partition(pid, r["partition"]["format"], tuple(r["partition"]["inputs"])) for pid, r in records.items()}
-    stored = {pid: _stored_results(previous, pid, names) for pid in partitions}
+    stored = {pid: stored_results(previous, pid) for pid in partitions}
     thresholds = _rescore_thresholds(cfg, detectors, stored, artifacts)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
     run.claim(cfg.decision_hash(), _loggable(cfg))

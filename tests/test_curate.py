@@ -221,3 +221,37 @@ def test_config_errors_name_the_field(make_config, override, field):
     with pytest.raises(ConfigError) as err:
         make_config("/tmp/x", override)
     assert field in str(err.value)
+
+
+def test_missing_object_is_a_recorded_failure(tmp_path):
+    """A file listed at planning time and gone when read (deleted mid-run) fails alone, with a reason."""
+    from curation.pipeline.plan import make_partitions
+    from curation.pipeline.read import decode_partition
+
+    write_rgb_images(tmp_path, 2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    (partition,) = make_partitions(names + ["vanished.jpg"], "images", 8)
+    columns = decode_partition(str(tmp_path), partition, {}, 32, 10**8)
+    assert columns["error_kind"].tolist() == ["", "", "missing"]
+    assert "vanished.jpg" in columns["error_message"][2] or "No such file" in columns["error_message"][2]
+    assert (columns["n_items"] == 3).all() and columns["pixels"].shape == (3, 32, 32, 3)
+
+
+def test_train_then_curate_reuses_the_fitted_detectors(make_config, tmp_path):
+    import mlflow
+
+    source = tmp_path / "images"
+    write_rgb_images(source, 3, seed=9)
+    cfg = make_config(str(source), "detectors.0.params.seed=7")  # a fit no other test made
+    trained = workflow.train(cfg)
+    assert trained["reused"] == {"neg": False, "hftt": False, "mcm": False}
+    for name in ("neg", "hftt", "mcm"):
+        meta = json.loads((Path(trained["detectors"]) / name / "detector.json").read_text())
+        assert meta["name"] == name and meta["model_identity"] == "tiny-clip/random-seed0"
+    hftt_meta = json.loads((Path(trained["detectors"]) / "hftt" / "detector.json").read_text())
+    assert hftt_meta["provenance"]["corpus"]["size"] == 18 and len(hftt_meta["provenance"]["corpus"]["sha256"]) == 64
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    artifacts = {a.path for a in client.list_artifacts(trained["mlflow_run_id"], "detectors")}
+    assert artifacts == {"detectors/neg", "detectors/hftt", "detectors/mcm"}
+    summary = workflow.curate(cfg)
+    assert summary["detectors_reused"] == {"neg": True, "hftt": True, "mcm": True}

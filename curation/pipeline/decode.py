@@ -90,15 +90,23 @@ def to_rgb(image):
 
 
 def resize_center_crop(image, image_size: int) -> np.ndarray:
-    """torchvision Resize(image_size, BICUBIC) + CenterCrop(image_size), as open_clip's eval transform.
+    """torchvision Resize(image_size, BICUBIC) + CenterCrop(image_size), as open_clip's eval
+    transform, written with PIL alone: decode workers then never import torch (~1.3 GB each).
 
-    Returns uint8 of shape (image_size, image_size, 3).
+    Same arithmetic as torchvision on PIL images (long side truncated, no resize when the short
+    side already fits, crop offsets rounded). Returns uint8 of shape (image_size, image_size, 3).
     """
-    import torchvision.transforms.functional as F
-    from torchvision.transforms import InterpolationMode
+    from PIL import Image
 
-    resized = F.resize(image, image_size, interpolation=InterpolationMode.BICUBIC)
-    return np.array(F.center_crop(resized, image_size), dtype=np.uint8)
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = image_size, int(image_size * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != (width, height):
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left = int(round((size[0] - image_size) / 2.0))
+    top = int(round((size[1] - image_size) / 2.0))
+    return np.array(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
 
 
 def _classify_load_error(err: Exception) -> DecodeError:
