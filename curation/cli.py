@@ -35,14 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def print_summary(summary: dict) -> None:
-    counts = summary["this_run"]
     print(f"\nrun {summary['run_name']}  ->  {summary['run_dir']}")
-    print(f"{'items':>8} {'kept':>8} {'removed':>8} {'failed':>8} {'partitions':>10}")
-    print(f"{counts['items']:>8} {counts['kept']:>8} {counts['removed']:>8} {counts['failed']:>8} "
-          f"{counts['partitions']:>10}")
+    print(f"{'':>9} {'items':>8} {'kept':>8} {'removed':>8} {'failed':>8} {'partitions':>10}")
+    for scope in ("this_run", "total"):
+        c = summary[scope]
+        print(f"{scope:>9} {c['items']:>8} {c['kept']:>8} {c['removed']:>8} {c['failed']:>8} {c['partitions']:>10}")
     for name, threshold in summary["thresholds"].items():
         print(f"  {name:<20} threshold {threshold['threshold']:.4f} ({threshold['strategy']})"
-              f"  fired on {counts['fired'].get(name, 0)}")
+              f"  fired on {summary['this_run']['fired'].get(name, 0)} this run")
     print(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
 
 

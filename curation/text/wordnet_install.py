@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -192,12 +193,17 @@ def install(source: Path = DEFAULT_SOURCE, dest: Path | None = None, force: bool
     if not force and is_installed(target):
         print(f"WordNet already installed: {target}")
         return target
-    partial = target.with_name("wordnet.partial.zip")  # a reader never sees a half-built zip
+    # Built and verified in a staging data dir, so a reader never sees a half-built zip. It must
+    # be called `corpora/wordnet.zip` there: nltk's reader looks up the corpus named "wordnet"
+    # on its data path while it is being constructed.
+    staging = target.parent.parent / ".wordnet-staging"
+    partial = staging / "corpora" / "wordnet.zip"
     try:
         verify(build_zip(Path(source), partial))
+        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, target)
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"Installed WordNet 3.0 ({EXPECTED_SYNSETS} synsets) at {target}")
     return target
 
