@@ -242,7 +242,7 @@ def test_train_then_curate_reuses_the_fitted_detectors(make_config, tmp_path):
 
     source = tmp_path / "images"
     write_rgb_images(source, 3, seed=9)
-    cfg = make_config(str(source), "detectors.0.params.seed=7")  # a fit no other test made
+    cfg = make_config(str(source), f"cache_dir={tmp_path / 'own-cache'}")  # nothing fitted yet
     trained = workflow.train(cfg)
     assert trained["reused"] == {"neg": False, "hftt": False, "mcm": False}
     for name in ("neg", "hftt", "mcm"):
