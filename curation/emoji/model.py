@@ -33,7 +33,7 @@ MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 WEIGHTS = Path(__file__).parent / "weights" / "emoji-clip-v1.safetensors"
 EMBED_DIM = 384
 CONTEXT_LENGTH = 32  # captions, prompts and WordNet lemmas fit; BERT cost grows with length
-VISION_CFG = {"image_size": 64, "layers": [1, 2, 2, 1], "width": 40, "head_width": 64}
+VISION_CFG = {"image_size": 64, "layers": [1, 2, 2, 1], "width": 32, "head_width": 64}  # 5.9M params
 TRAINED_PREFIXES = ("visual.", "logit_scale")
 
 
@@ -120,15 +120,29 @@ def register_emoji_clip(config_dir: str | Path | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _hub_offline():
-    """Everything is local: keep transformers/huggingface_hub from ever trying the network."""
+def _offline_and_quiet():
+    """Everything is local: keep transformers/huggingface_hub from ever trying the network, and
+    keep their expected notices quiet (MiniLM's unused BERT pooler, open_clip's "initialized
+    partially" for a text tower that it did load)."""
+    import logging
+
     from huggingface_hub import constants
+    from transformers.utils import logging as hf_logging
 
     previous, os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE"), "1"
     flag, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root_level = logging.root.level
+    logging.root.setLevel(max(root_level, logging.ERROR))
     try:
         yield
     finally:
+        logging.root.setLevel(root_level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
         constants.HF_HUB_OFFLINE = flag
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
@@ -147,7 +161,7 @@ def create_emoji_clip(device: str = "cpu", vision_cfg: dict | None = None):
     name = register_emoji_clip()
     text_dir = minilm_dir()
     verify_minilm(text_dir)
-    with _hub_offline():
+    with _offline_and_quiet():
         if vision_cfg is None:
             model, train_pp, val_pp = open_clip.create_model_and_transforms(name, device=device)
         else:
@@ -227,3 +241,19 @@ def build_emoji_clip(device: str = "cpu", weights: str | Path = WEIGHTS):
 def weights_identity(weights: str | Path = WEIGHTS) -> str:
     """`emoji-clip/sha256:<16 hex>` of the image-tower file (the text tower is pinned by hash)."""
     return f"{MODEL_NAME}/sha256:{file_sha256(weights)[:16]}"
+
+
+def pixels_to_input(pixels, model) -> "torch.Tensor":
+    """uint8 images of shape (n, H, W, 3) at the model's size -> normalised float (n, 3, H, W).
+
+    Equals the model's own preprocess on images already at its size (resize and crop are no-ops
+    there), without the PIL round trip; training and naming evaluation use it.
+    """
+    import torch
+    from open_clip import get_model_preprocess_cfg
+
+    cfg = get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std

