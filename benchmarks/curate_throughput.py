@@ -92,7 +92,8 @@ def plain_loop(model_name: str, image_dir: Path, batch_size: int) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def job_config(model_name: str, image_dir: Path, out: Path, cache: Path, actors: int, batch_size: int):
+def job_config(model_name: str, image_dir: Path, out: Path, cache: Path, actors: int, batch_size: int,
+               torch_threads: int | None = None):
     from curation.config import load_config
 
     return load_config(None, [
@@ -100,6 +101,7 @@ def job_config(model_name: str, image_dir: Path, out: Path, cache: Path, actors:
         "source.partition_size=32", f"output.uri={out}", f"run_name=bench-{actors}", f"cache_dir={cache}",
         f"tracking.uri=sqlite:///{out}/mlflow.db", f"compute.actors={actors}",
         f"compute.cpus_per_actor={1.0 if actors == 1 else 0.75}", "compute.decode_cpus=0.5",
+        f"compute.torch_threads={torch_threads if torch_threads else 'null'}",
         f"detectors={DETECTORS}"])
 
 
@@ -137,16 +139,17 @@ def bench_model(model_name: str, n_images: int, batch_size: int, root: Path) -> 
     with PeakMemory() as memory:
         result["plain_images_per_s"] = round(plain_loop(model_name, image_dir, batch_size), 2)
     result["plain_peak_mb"] = memory.peak_mb
-    for actors in (1, 2):
+    for actors, threads in ((1, None), (2, None), (1, 2)):
         ray.init(address="local", num_cpus=2, include_dashboard=False)
-        cfg = job_config(model_name, image_dir, root / f"out-{model_name}", root / "cache", actors, batch_size)
+        cfg = job_config(model_name, image_dir, root / f"out-{model_name}-{actors}-{threads}", root / "cache",
+                         actors, batch_size, threads)
         workflow.fitted_detectors(cfg)  # fit outside the timed run
         with PeakMemory() as memory:
             summary = workflow.curate(cfg)
         stream_s = summary["timings"]["stream_and_write_s"]
         overhead_s = score_and_write_s(cfg, summary["run_dir"])
         ray.shutdown()
-        result[f"job_{actors}_actor"] = {
+        result[f"job_{actors}_actor" + (f"_{threads}_threads" if threads else "")] = {
             "images_per_s": round(n_images / stream_s, 2),
             "ratio_vs_plain": round(n_images / stream_s / result["plain_images_per_s"], 3),
             "score_and_write_share": round(overhead_s / stream_s, 3),

@@ -78,13 +78,16 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class ComputeConfig:
     """Ray resources. `gpus_per_actor` None = 1 when the cluster has GPUs, else 0. Actors take
-    fractional CPUs so read tasks always find a core (a full pool deadlocks reads on small nodes)."""
+    fractional CPUs so read tasks always find a core (a full pool deadlocks reads on small nodes).
+    `torch_threads` lets a CPU actor use more threads than its CPU share (Ray pins a 1-CPU actor
+    to one thread), e.g. when decoding leaves cores idle."""
 
     ray_address: str | None = None
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
     decode_cpus: float = 0.5
+    torch_threads: int | None = None  # CPU actors: None = Ray's default (OMP_NUM_THREADS from num_cpus)
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,13 @@ class EmbedAndScore:
     """Ray Data callable class: one model and all detectors per actor, reused for every batch."""
 
     def __init__(self, model_cfg: ModelConfig, detector_files: list[dict], thresholds: dict[str, float],
-                 mean: tuple, std: tuple):
+                 mean: tuple, std: tuple, torch_threads: int | None = None):
+        import torch
+
         from curation.detectors.base import detector_from_files
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.encoder = _worker_model(model_cfg)
         self.detectors = [detector_from_files(files, self.encoder.identity) for files in detector_files]
         self.thresholds, self.mean, self.std = thresholds, mean, std
@@ -135,7 +139,8 @@ def stream(partitions: list[Partition], root: str, source: SourceConfig, model_c
         EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
         fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": detector_files,
-                               "thresholds": thresholds, "mean": mean, "std": std})
+                               "thresholds": thresholds, "mean": mean, "std": std,
+                               "torch_threads": compute.torch_threads})
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
 
