@@ -256,3 +256,15 @@ def test_render_batches_are_a_function_of_seed_and_index(full_catalog):
     b = train.RenderBatches(data, seed=1, batch_size=4, start=1, stride=2).batch(7)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert np.allclose(a[1].sum(1), 1.0)
+
+
+def test_demo_task_labels_follow_group_and_weapon_list(full_catalog):
+    from curation.emoji.catalog import weapon_ids
+    from curation.emoji.evaluate import task_labels
+
+    wanted, unwanted = task_labels("ood", full_catalog)
+    groups = {e.id: e.group for e in full_catalog}
+    assert wanted and all(groups[i] == "Food & Drink" for i in wanted)
+    assert len(wanted) + len(unwanted) == len(full_catalog)
+    wanted, unwanted = task_labels("unwanted", full_catalog)
+    assert sorted(unwanted) == sorted(weapon_ids()) and not set(wanted) & set(unwanted)
