@@ -223,8 +223,16 @@ class ClipEncoder:
 
     @property
     def cache_tag(self) -> str:
-        """Identity plus compute dtype: fp16 text features differ from fp32 ones in the 3rd digit."""
-        return f"{self.identity}|{next(self.model.parameters()).dtype}"
+        """What text features depend on, plus the compute dtype (fp16 features differ from fp32
+        ones in the 3rd digit). emoji-clip's locked text tower is pinned by hash, so every
+        retrained image tower reuses the same cached text embeddings."""
+        if self.identity.startswith(f"{EMOJI_CLIP}/"):
+            from curation.emoji.model import MINILM_SHA256
+
+            text_identity = f"{EMOJI_CLIP}/text-sha256:{MINILM_SHA256[:16]}"
+        else:
+            text_identity = self.identity
+        return f"{text_identity}|{next(self.model.parameters()).dtype}"
 
     @property
     def dim(self) -> int:

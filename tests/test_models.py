@@ -97,3 +97,11 @@ def test_emoji_clip_text_tower_is_a_real_sentence_encoder():
     assert encoder.encode_pixels(torch.rand(2, 3, 64, 64)).shape == (2, 384)
     with pytest.raises(ValueError, match="takes 'demo'"):
         load_model(ModelConfig(name="emoji-clip", pretrained="openai"))
+
+
+def test_emoji_clip_text_cache_is_shared_across_image_towers(tmp_path):
+    """Text features depend only on the pinned text tower: a retrained image tower reuses them."""
+    first = load_model(ModelConfig(name="emoji-clip", seed=0))
+    second = load_model(ModelConfig(name="emoji-clip", seed=1))
+    assert first.identity != second.identity and first.cache_tag == second.cache_tag
+    assert load_model(ModelConfig(name="tiny-clip", seed=0)).cache_tag.startswith("tiny-clip/random-seed0|")
