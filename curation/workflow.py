@@ -216,10 +216,6 @@ class PartitionCollector:
                 yield partition, empty
 
 
-def _write_task(run: RunDirectory, partition, results, source_root, source_options, names, store):
-    return write_partition(run, partition, results, source_root, source_options, names, store)
-
-
 def _sum_counts(counts: list[dict], names: list[str]) -> dict:
     total = {k: sum(c[k] for c in counts) for k in ("items", "kept", "removed", "failed")}
     total["fired"] = {n: sum(c["fired"].get(n, 0) for c in counts) for n in names}
@@ -258,10 +254,10 @@ def curate(cfg: RunConfig) -> dict:
         for n in names:
             scores[n].append(batch[f"score_{n}"][batch["decision"] != FAILED])
         for partition, results in collector.add(batch):
-            refs.append(ray_data.submit(_write_task, run, partition, results, *write_args))
+            refs.append(ray_data.submit(write_partition, run, partition, results, *write_args))
     dim = load_artifacts(artifacts[:1])[0].dim_ if artifacts else 0
     for partition, results in collector.unseen(dim, names):
-        refs.append(ray_data.submit(_write_task, run, partition, results, *write_args))
+        refs.append(ray_data.submit(write_partition, run, partition, results, *write_args))
     counts = ray_data.wait_all(refs)
     timings["stream_and_write_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
@@ -404,7 +400,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     refs = []
     for pid, results in stored.items():
         results |= decide(results["embedding"], results["error_kind"] == "", detectors, values)
-        refs.append(ray_data.submit(_write_task, run, partitions[pid], results, cfg.source.uri,
+        refs.append(ray_data.submit(write_partition, run, partitions[pid], results, cfg.source.uri,
                                     cfg.source.storage_options, names, cfg.output.store_embeddings))
     this_run = _sum_counts(ray_data.wait_all(refs), names)
     summary = {"run_name": cfg.run_name, "run_dir": run.uri, "rescored_from": scores_uri,
