@@ -77,12 +77,19 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
     fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
     artifacts = []
     for det, key in zip(cfg.detectors, keys):
-        files = {p.name: p.read_bytes() for p in (root / key).iterdir()} if reused[det.label] else next(fitted)
-        (root / key).mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (root / key / name).write_bytes(data)
-        artifacts.append(files)
+        if reused[det.label]:
+            artifacts.append({p.name: p.read_bytes() for p in (root / key).iterdir()})
+        else:
+            artifacts.append(_cache_artifact(root / key, next(fitted)))
     return artifacts, reused
+
+
+def _cache_artifact(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Write a fitted artifact once; detector.json last, since its presence marks the entry done."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda n: n == "detector.json"):
+        (directory / name).write_bytes(files[name])
+    return files
 
 
 def load_artifacts(artifacts: list[dict[str, bytes]]):
