@@ -92,6 +92,16 @@ def model_identity(cfg: ModelConfig) -> str:
     return f"{cfg.name}/{cfg.pretrained}"
 
 
+def text_identity(cfg: ModelConfig) -> str:
+    """What the text features depend on. emoji-clip's locked text tower is pinned by hash, so
+    every retrained image tower shares one text-embedding cache; other models: the whole model."""
+    if cfg.name == EMOJI_CLIP:
+        from curation.emoji.model import MINILM_SHA256
+
+        return f"{EMOJI_CLIP}/text-sha256:{MINILM_SHA256[:16]}"
+    return model_identity(cfg)
+
+
 def _hub_reachable() -> bool:
     """Can the Hugging Face hub be reached? A DNS failure answers at once, a firewall in 3 s."""
     host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
@@ -202,7 +212,8 @@ def load_model(cfg: ModelConfig) -> "ClipEncoder":
     device = _resolve_device(cfg.device)
     model, preprocess, tokenizer = _create(cfg, device)
     model.eval().requires_grad_(False)
-    return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size)
+    return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size,
+                       text_identity(cfg))
 
 
 class ClipEncoder:
@@ -213,26 +224,21 @@ class ClipEncoder:
     so the pooled feature is identical while a 10-token prompt costs 10 positions instead of 77.
     """
 
-    def __init__(self, model, preprocess, tokenizer, identity: str, device: str, batch_size: int = 64):
+    def __init__(self, model, preprocess, tokenizer, identity: str, device: str, batch_size: int = 64,
+                 text_identity: str | None = None):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
+        self.text_identity = text_identity or identity
         self.device = device
         self.batch_size = batch_size
 
     @property
     def cache_tag(self) -> str:
-        """What text features depend on, plus the compute dtype (fp16 features differ from fp32
-        ones in the 3rd digit). emoji-clip's locked text tower is pinned by hash, so every
-        retrained image tower reuses the same cached text embeddings."""
-        if self.identity.startswith(f"{EMOJI_CLIP}/"):
-            from curation.emoji.model import MINILM_SHA256
-
-            text_identity = f"{EMOJI_CLIP}/text-sha256:{MINILM_SHA256[:16]}"
-        else:
-            text_identity = self.identity
-        return f"{text_identity}|{next(self.model.parameters()).dtype}"
+        """What cached text features depend on: the text weights and the compute dtype (fp16
+        features differ from fp32 ones in the 3rd digit)."""
+        return f"{self.text_identity}|{next(self.model.parameters()).dtype}"
 
     @property
     def dim(self) -> int:

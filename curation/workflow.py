@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from curation import storage
-from curation.config import DetectorConfig, RunConfig, to_dict
+from curation.config import DetectorConfig, RunConfig, ThresholdConfig, to_dict
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.plan import Partition, RunDirectory, make_partitions, plan, relative_inputs
@@ -137,6 +137,18 @@ def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
     return float(np.nextafter(np.float32(ordered[allowed]), np.float32(np.inf)))
 
 
+def rule_threshold(rule: ThresholdConfig, sample: np.ndarray | None = None,
+                   wanted: np.ndarray | None = None) -> dict:
+    """A threshold and how it was chosen: `fixed` as configured, `quantile` flags `rate` of the
+    unlabelled `sample`, `tpr` keeps that fraction of the labelled `wanted` scores."""
+    if rule.strategy == "fixed":
+        return {"strategy": "fixed", "threshold": rule.value}
+    if rule.strategy == "quantile":
+        return {"strategy": "quantile", "rate": rule.value, "sample": int(len(sample)),
+                "threshold": threshold_for_rate(sample, rule.value) if len(sample) else 1.0}
+    return {"strategy": "tpr", "tpr": rule.value, "threshold": threshold_for_rate(wanted, 1.0 - rule.value)}
+
+
 def calibration_partitions(cfg: RunConfig, partitions: list[Partition], sample_size: int) -> list[Partition]:
     """A deterministic spread-out sample: image files every k-th, else the first files."""
     if cfg.source.format == "images":
@@ -156,16 +168,14 @@ def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Parti
         if det.label in stored:
             result[det.label] = stored[det.label]
         elif rule.strategy == "fixed":
-            result[det.label] = {"strategy": "fixed", "threshold": rule.value}
+            result[det.label] = rule_threshold(rule)
         else:
             pending.append(det)
     if any(d.threshold.strategy == "quantile" for d in pending):
         sample_size = max(d.threshold.sample_size for d in pending)
         scores = score_partitions(cfg, cfg.source.uri, calibration_partitions(cfg, partitions, sample_size), artifacts)
         for det in (d for d in pending if d.threshold.strategy == "quantile"):
-            sample = scores[f"score_{det.label}"]
-            result[det.label] = {"strategy": "quantile", "rate": det.threshold.value, "sample": int(len(sample)),
-                                 "threshold": threshold_for_rate(sample, det.threshold.value) if len(sample) else 1.0}
+            result[det.label] = rule_threshold(det.threshold, scores[f"score_{det.label}"])
     if any(d.threshold.strategy == "tpr" for d in pending):
         result.update(_tpr_thresholds(cfg, [d for d in pending if d.threshold.strategy == "tpr"], artifacts))
     run.write_json(result, "_thresholds.json")
@@ -181,11 +191,10 @@ def _tpr_thresholds(cfg: RunConfig, detectors: list[DetectorConfig], artifacts) 
     out = {}
     for det in detectors:
         keep = wanted[f"score_{det.label}"]
-        threshold = threshold_for_rate(keep, 1.0 - det.threshold.value)
-        record = {"strategy": "tpr", "tpr": det.threshold.value, "threshold": threshold,
-                  "wanted_kept": float((keep < threshold).mean())}
+        record = rule_threshold(det.threshold, wanted=keep)
+        record["wanted_kept"] = float((keep < record["threshold"]).mean())
         if unwanted is not None:
-            record["fpr_unwanted_kept"] = float((unwanted[f"score_{det.label}"] < threshold).mean())
+            record["fpr_unwanted_kept"] = float((unwanted[f"score_{det.label}"] < record["threshold"]).mean())
         out[det.label] = record
     return out
 
@@ -428,12 +437,11 @@ def _rescore_thresholds(cfg: RunConfig, detectors, stored: dict, artifacts) -> d
     all_embeddings = np.concatenate(embeddings) if embeddings else np.zeros((0, detectors[0].dim_), np.float32)
     for det_cfg, detector in zip(cfg.detectors, detectors):
         rule = det_cfg.threshold
-        if rule.strategy == "fixed":
-            out[det_cfg.label] = {"strategy": "fixed", "threshold": rule.value}
-        elif rule.strategy == "quantile":
-            sample = detector.score(all_embeddings) if len(all_embeddings) else np.zeros(0)
-            out[det_cfg.label] = {"strategy": "quantile", "rate": rule.value, "sample": int(len(sample)),
-                                  "threshold": threshold_for_rate(sample, rule.value) if len(sample) else 1.0}
+        if rule.strategy == "quantile":
+            out[det_cfg.label] = rule_threshold(rule, detector.score(all_embeddings) if len(all_embeddings)
+                                                else np.zeros(0))
+        elif rule.strategy == "fixed":
+            out[det_cfg.label] = rule_threshold(rule)
     tpr = [d for d in cfg.detectors if d.threshold.strategy == "tpr"]
     return out | (_tpr_thresholds(cfg, tpr, artifacts) if tpr else {})
 
@@ -456,7 +464,7 @@ def evaluate(cfg: RunConfig) -> dict:
         w, u = wanted[f"score_{det.label}"], unwanted[f"score_{det.label}"]
         scores, labels = np.concatenate([w, u]), np.r_[np.zeros(len(w)), np.ones(len(u))]
         all_scores[det.label] = scores
-        threshold = _evaluation_threshold(det, w, scores)
+        threshold = rule_threshold(det.threshold, scores, w)["threshold"]
         flagged = scores >= threshold
         report[det.label] = {
             "auroc": auroc(scores, labels), "fpr95": fpr_at_tpr(scores, labels, 0.95),
@@ -478,12 +486,3 @@ def evaluate(cfg: RunConfig) -> dict:
         tracker.log_score_histograms(all_scores, {n: r["threshold"] for n, r in report.items()})
         tracker.log_dict(report, "evaluation.json")
     return report
-
-
-def _evaluation_threshold(det: DetectorConfig, wanted_scores: np.ndarray, all_scores: np.ndarray) -> float:
-    rule = det.threshold
-    if rule.strategy == "fixed":
-        return rule.value
-    if rule.strategy == "tpr":
-        return threshold_for_rate(wanted_scores, 1.0 - rule.value)
-    return threshold_for_rate(all_scores, rule.value)

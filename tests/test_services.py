@@ -122,7 +122,7 @@ def test_cli_killed_half_way_resumes_without_duplicates_or_loss(tmp_path, shared
     manifest = tmp_path / "out" / "contract" / "_manifest"
     proc = subprocess.Popen([str(VENV_BIN / "curation"), *args], env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800  # a cold detector cache first fits on full corpora (minutes)
     while time.monotonic() < deadline and proc.poll() is None:
         if manifest.exists() and len(list(manifest.iterdir())) >= 3:
             break

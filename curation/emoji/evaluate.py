@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +38,24 @@ def _subsample(ids: list[str], limit: int, seed: int) -> list[str]:
     return sorted(np.random.default_rng(seed).choice(ids, limit, replace=False).tolist())
 
 
-def write_split(root: Path, task: str, emojis, n_per_emoji: int, limit: int, seed: int) -> tuple[Path, Path]:
+def renders_per_emoji(n_emoji: int, n_per_emoji: int, min_images: int) -> int:
+    """Small classes (5 trained weapons, 3 held out) get more renders each, so that AUROC is not
+    decided by a handful of images; the extra renders are new augmentations of the same emoji."""
+    return max(n_per_emoji, math.ceil(min_images / max(n_emoji, 1)))
+
+
+def write_split(root: Path, task: str, emojis, n_per_emoji: int, limit: int, seed: int,
+                min_images: int) -> tuple[Path, Path]:
     wanted, unwanted = task_labels(task, emojis)
     folders = root / "wanted", root / "unwanted"
     for folder, ids in zip(folders, (wanted, unwanted)):
-        write_eval_set(folder, _subsample(ids, limit, seed), "mixed", n_per_emoji, seed)
+        ids = _subsample(ids, limit, seed)
+        write_eval_set(folder, ids, "mixed", renders_per_emoji(len(ids), n_per_emoji, min_images), seed)
     return folders
 
 
-def evaluate_all(out: Path, n_per_emoji: int, limit: int, seed: int, overrides: list[str]) -> dict:
+def evaluate_all(out: Path, n_per_emoji: int, limit: int, seed: int, min_images: int,
+                 overrides: list[str]) -> dict:
     from curation import workflow
     from curation.config import load_config
 
@@ -53,7 +63,8 @@ def evaluate_all(out: Path, n_per_emoji: int, limit: int, seed: int, overrides: 
     results = {}
     for task, config in TASKS.items():
         for split, emojis in (("trained", trained), ("held_out", held_out)):
-            wanted, unwanted = write_split(out / "images" / task / split, task, emojis, n_per_emoji, limit, seed)
+            wanted, unwanted = write_split(out / "images" / task / split, task, emojis, n_per_emoji, limit,
+                                           seed, min_images)
             cfg = load_config(config, [f"evaluation.wanted_uri={wanted}", f"evaluation.unwanted_uri={unwanted}",
                                        f"output.uri={out}", f"run_name=eval-{task}-{split}", *overrides])
             results[f"{task}/{split}"] = workflow.evaluate(cfg)
@@ -66,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo/eval"))
     parser.add_argument("--n-per-emoji", type=int, default=2)
     parser.add_argument("--limit", type=int, default=400, help="at most this many emoji per class")
+    parser.add_argument("--min-images", type=int, default=60, help="at least this many renders per class")
     parser.add_argument("--seed", type=int, default=1234, help="render seed (training used others)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    results = evaluate_all(args.out, args.n_per_emoji, args.limit, args.seed, args.overrides)
+    results = evaluate_all(args.out, args.n_per_emoji, args.limit, args.seed, args.min_images,
+                           args.overrides)
     for key, report in results.items():
         for name, row in report.items():
             print(f"{key:<18} {name:<10} AUROC {row['auroc']:.3f}  FPR95 {row['fpr95']:.3f}  "
