@@ -93,12 +93,11 @@ def model_identity(cfg: ModelConfig) -> str:
 
 
 def text_identity(cfg: ModelConfig) -> str:
-    """What the text features depend on. emoji-clip's locked text tower is pinned by hash, so
-    every retrained image tower shares one text-embedding cache; other models: the whole model."""
+    """What the text features depend on: emoji-clip's pinned text tower, else the whole model."""
     if cfg.name == EMOJI_CLIP:
-        from curation.emoji.model import MINILM_SHA256
+        from curation.emoji import model as emoji
 
-        return f"{EMOJI_CLIP}/text-sha256:{MINILM_SHA256[:16]}"
+        return emoji.text_identity()
     return model_identity(cfg)
 
 

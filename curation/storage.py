@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +31,12 @@ PROBE_TIMEOUT_S = 15.0
 REDACTED = "***"
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential")
 _NOT_SECRET = ("endpoint_url",)
+
+
+def cache_home() -> Path:
+    """Root of this machine's local caches (text embeddings, fitted detectors, generated model
+    configs): `$CURATION_CACHE`, else ~/.cache/curation."""
+    return Path(os.environ.get("CURATION_CACHE") or Path.home() / ".cache" / "curation")
 
 
 class StorageUnreachableError(RuntimeError):

