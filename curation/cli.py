@@ -5,6 +5,10 @@
     curation rescore  --scores <run dir> --config ...
     curation evaluate --config ... --set evaluation.wanted_uri=... --set evaluation.unwanted_uri=...
     curation demo     build the offline demo data and run curate on it
+
+Exit status: 0 done; 1 failed, or MLflow tracking failed after the outputs were complete, or
+partitions were left unfinished by transient read errors (summary.json says which; run again);
+2 config error. Errors and log lines are printed with credentials redacted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,10 +51,30 @@ def print_summary(summary: dict) -> None:
     print(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
 
 
+def report(summary: dict) -> int:
+    """Print the summary; exit code 1 when MLflow tracking failed (the outputs are complete then,
+    and summary.json says why) or when partitions were left for the next run, else 0."""
+    print_summary(summary)
+    if summary.get("skipped"):
+        print(f"skipped source entries (not inputs): {summary['skipped']}")
+    failed = summary.get("tracking", {}).get("status") == "failed"
+    if failed:
+        print(f"MLflow tracking failed: {summary['tracking']['error']}\nThe outputs in {summary['run_dir']} "
+              "are complete; summary.json records the failure.", file=sys.stderr)
+    unfinished = summary.get("unfinished") or []
+    if unfinished:
+        print(f"{len(unfinished)} partitions left unfinished (transient errors), e.g. {unfinished[0]['reason']}\n"
+              "Run the same command again to finish them; summary.json lists them.", file=sys.stderr)
+    return 1 if failed or unfinished else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from curation import workflow
+    from curation import secrets, workflow
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(secrets.RedactFilter())
     from curation.config import ConfigError, load_config
 
     try:
@@ -59,16 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.config, args.overrides)
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {secrets.redact_text(str(err))}", file=sys.stderr)
         return 2
-    if args.command == "curate":
-        print_summary(workflow.curate(cfg))
-    elif args.command == "rescore":
-        print_summary(workflow.rescore(cfg, args.scores))
-    elif args.command == "train":
-        print(json.dumps(workflow.train(cfg), indent=2, default=str))
-    else:
-        print(json.dumps(workflow.evaluate(cfg), indent=2))
+    try:
+        if args.command == "curate":
+            return report(workflow.curate(cfg))
+        if args.command == "rescore":
+            return report(workflow.rescore(cfg, args.scores))
+        if args.command == "train":
+            print(json.dumps(workflow.train(cfg), indent=2, default=str))
+        else:
+            print(json.dumps(workflow.evaluate(cfg), indent=2))
+    except Exception as err:  # noqa: BLE001 - printed like Python would, minus any credentials
+        print(secrets.redact_text("".join(traceback.format_exception(err))), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,31 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
 
 
+# -- range checks, run by each dataclass's __post_init__ ----------------------------------------
+# They name the field relative to their dataclass (`value: ...`); `from_dict` prefixes the path
+# (`detectors[0].threshold.value: ...`), so `--set` overrides and YAML get the same message.
+DETECTOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def _check_positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _check_non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
+
+
+# What of the source decides which items a run holds and how they are grouped. Byte limits and
+# retries are guards, not decisions: changing them resumes the same run directory.
+DECISION_SOURCE_FIELDS = ("uri", "format", "id_column", "image_column", "partition_size", "max_pixels")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """Where the images come from: a folder/prefix of image files, parquet files with an image-bytes
@@ -33,17 +60,52 @@ class SourceConfig:
     image_column: str = "image"
     partition_size: int = 256
     max_pixels: int = 64_000_000
+    # Byte limits, checked before the bytes are held: an image (file, shard member or parquet
+    # cell), a whole parquet file or shard, and the members of one shard. Beyond: `too_large`.
+    max_item_bytes: int = 64 * 2**20
+    max_file_bytes: int = 2 * 2**30
+    max_members: int = 200_000
+    # Transient read errors (throttling, timeouts) are retried with exponential backoff; what
+    # still fails leaves its partition unfinished for the next run.
+    read_attempts: int = 5
+    retry_backoff_s: float = 0.5
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_positive(self, "partition_size", "max_pixels", "max_item_bytes", "max_file_bytes", "max_members",
+                        "read_attempts")
+        _check_non_negative(self, "retry_backoff_s")
 
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """fixed: remove when score >= value. quantile: remove at most `value` of a sample of the
-    dataset itself. tpr: from labelled validation images (evaluation.*), keep `value` of the wanted."""
+    """fixed: remove when score >= value. quantile: remove at most `value` (a fraction) of a sample
+    of `sample_size` images of the dataset itself; fewer than `min_sample` decodable images is an
+    error, not a threshold frozen for every later run. tpr: from labelled validation images
+    (evaluation.*), keep `value` of the wanted. Scores are unwanted scores in [0, 1]."""
 
     strategy: Literal["fixed", "quantile", "tpr"] = "fixed"
     value: float = 0.5
     sample_size: int = 1024
+    min_sample: int = 100
+
+    def __post_init__(self):
+        _check_positive(self, "sample_size", "min_sample")
+        if self.strategy == "quantile" and self.min_sample > self.sample_size:
+            raise ConfigError(f"min_sample: must be <= sample_size ({self.sample_size}), got {self.min_sample}; "
+                              "lower min_sample or raise sample_size")
+        self._check_value()
+
+    def _check_value(self) -> None:
+        value, interval = self.value, "(0, 1]" if self.strategy == "tpr" else "[0, 1]"
+        if not math.isfinite(value):
+            raise ConfigError(f"value: must be a finite number, got {value!r}")
+        if self.strategy != "fixed" and value > 1:
+            raise ConfigError(f"value: a {self.strategy} value is a fraction in {interval}; {value:g} looks "
+                              f"like a percentage, use {value / 100:g}")
+        if not (0 < value <= 1 if self.strategy == "tpr" else 0 <= value <= 1):
+            what = "an unwanted score" if self.strategy == "fixed" else f"a {self.strategy} fraction"
+            raise ConfigError(f"value: must be {what} in {interval}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +119,12 @@ class DetectorConfig:
     params: dict = field(default_factory=dict)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
 
+    def __post_init__(self):
+        # The name becomes a file name, a column name and an item of the comma-joined `fired` list.
+        if self.name is not None and not DETECTOR_NAME.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} is not a valid detector name: use 1-64 letters, digits, "
+                              "'_' or '-' (not first), no '/', '.', ',' or whitespace")
+
     @property
     def label(self) -> str:
         return self.name or self.kind
@@ -67,6 +135,12 @@ class OutputConfig:
     uri: str = "./demo/out"
     store_embeddings: bool = True
     storage_options: dict = field(default_factory=dict)
+    # A run's lease on its directory counts as abandoned this long after its last heartbeat.
+    lease_ttl_s: float = 600.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lease_ttl_s) and self.lease_ttl_s > 0):
+            raise ConfigError(f"lease_ttl_s: must be a positive number of seconds, got {self.lease_ttl_s!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +162,10 @@ class ComputeConfig:
     gpus_per_actor: float | None = None
     decode_cpus: float = 0.5
     torch_threads: int | None = None  # CPU actors: None = Ray's default (OMP_NUM_THREADS from num_cpus)
+
+    def __post_init__(self):
+        _check_positive(self, "actors")
+        _check_non_negative(self, "cpus_per_actor", "gpus_per_actor", "decode_cpus", "torch_threads")
 
 
 @dataclass(frozen=True)
@@ -118,8 +196,10 @@ class RunConfig:
     def decision_hash(self) -> str:
         """Hash of everything that decides keep/remove; an output dir belongs to one such config."""
         relevant = {k: to_dict(self)[k] for k in ("model", "detectors")}
-        relevant["source"] = {k: v for k, v in to_dict(self.source).items() if k != "storage_options"}
+        relevant["source"] = {k: v for k, v in to_dict(self.source).items() if k in DECISION_SOURCE_FIELDS}
         relevant["model"].pop("batch_size"), relevant["model"].pop("device")
+        for det in relevant["detectors"]:  # a guard, not a decision: lowering it resumes the same run
+            det["threshold"].pop("min_sample")
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -182,10 +262,19 @@ def from_dict(cls, data: Any, path: str = ""):
             raise ConfigError(f"{sub}: required field is missing")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError(_located(str(err), path, names)) from err
+
+
+def _located(message: str, path: str, names: set[str]) -> str:
+    """A dataclass's own error with the full field path: `value: ...` -> `detectors[0].threshold.value: ...`;
+    messages that already carry the path (`model.batch_size: ...`) are kept."""
+    head = message.split(":", 1)[0]
+    if not path or head == path or head.startswith(f"{path}."):
+        return message
+    if head.split(".")[0].split("[")[0] in names:
+        return f"{path}.{message}"
+    return f"{path}: {message}"
 
 
 def apply_override(data: dict, assignment: str) -> dict:

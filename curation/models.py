@@ -51,8 +51,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"model.precision: {self.precision!r} is not one of {PRECISIONS}")
-        if self.batch_size < 1:
-            raise ValueError(f"model.batch_size must be >= 1, got {self.batch_size}")
+        if not (type(self.batch_size) is int and self.batch_size >= 1):
+            raise ValueError(f"model.batch_size: must be a positive integer, got {self.batch_size!r}")
 
 
 def register_local_configs() -> None:

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from curation.secrets import redact_text, secret_values
+
 if TYPE_CHECKING:  # pragma: no cover
     import fsspec
     import pyarrow.fs
@@ -28,9 +30,6 @@ S3_OPTIONS = ("endpoint_url", "key", "secret", "token", "anon", "client_kwargs",
 # Bounded retries: an unreachable endpoint fails in seconds instead of retrying for minutes.
 DEFAULT_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}
 PROBE_TIMEOUT_S = 15.0
-REDACTED = "***"
-_SECRET_WORDS = ("secret", "token", "password", "key", "credential")
-_NOT_SECRET = ("endpoint_url",)
 
 
 def cache_home() -> Path:
@@ -54,7 +53,10 @@ def _strip_scheme(uri: str) -> str:
 def _check_scheme(uri: str) -> str:
     scheme = _scheme(uri)
     if scheme not in LOCAL_SCHEMES + S3_SCHEMES:
-        raise ValueError(f"unsupported storage URI {uri!r}: scheme {scheme!r} is not one of {SUPPORTED_SCHEMES}")
+        raise ValueError(f"unsupported storage URI {redact_text(uri)!r}: scheme {scheme!r} is not one of {SUPPORTED_SCHEMES}")
+    if scheme in S3_SCHEMES and "@" in _strip_scheme(uri).split("/", 1)[0]:  # no bucket name holds '@'
+        raise ValueError(f"storage URI {redact_text(uri)!r} holds credentials: put them in storage_options "
+                         "(key/secret) or the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
     return scheme
 
 
@@ -100,15 +102,6 @@ def _endpoint(storage_options: dict | None) -> str:
     return _s3_kwargs(storage_options).get("endpoint_url") or "AWS default endpoint"
 
 
-def _scrub(text: str, storage_options: dict | None) -> str:
-    """Remove any credential value that a library error message might echo."""
-    for name in ("key", "secret", "token"):
-        value = (storage_options or {}).get(name)
-        if isinstance(value, str) and value:
-            text = text.replace(value, REDACTED)
-    return text
-
-
 def check_reachable(uri: str, storage_options: dict | None = None) -> None:
     """Fail at job start, not per file, when the bucket of `uri` cannot be reached.
 
@@ -122,7 +115,8 @@ def check_reachable(uri: str, storage_options: dict | None = None) -> None:
     from fsspec.exceptions import FSTimeoutError
 
     fs, path = filesystem(uri, storage_options)
-    bucket, where = path.split("/", 1)[0], f"{uri!r} at {_endpoint(storage_options)}"
+    bucket = path.split("/", 1)[0]
+    where = redact_text(f"{uri!r} at {_endpoint(storage_options)}")
     try:
         fs.call_s3("head_bucket", Bucket=bucket, timeout=PROBE_TIMEOUT_S)
     except FileNotFoundError:
@@ -130,13 +124,13 @@ def check_reachable(uri: str, storage_options: dict | None = None) -> None:
                                 "the endpoint is an S3 service") from None
     except PermissionError as e:
         raise PermissionError(f"access denied to bucket {bucket!r} for {where}: "
-                              f"{_scrub(str(e), storage_options)}") from None
+                              f"{redact_text(str(e), secret_values(storage_options))}") from None
     except botocore.exceptions.NoCredentialsError:
         raise PermissionError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                               "storage_options key/secret, or anon: true") from None
     except (botocore.exceptions.BotoCoreError, FSTimeoutError, OSError) as e:
         raise StorageUnreachableError(f"cannot reach storage for {where}: {type(e).__name__}: "
-                                      f"{_scrub(str(e), storage_options)}") from None
+                                      f"{redact_text(str(e), secret_values(storage_options))}") from None
 
 
 def join(uri: str, *parts: str) -> str:
@@ -172,10 +166,103 @@ def list_files(uri: str, storage_options: dict | None = None,
     return sorted(_as_uri(uri, f) for f in files)
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole content of one file."""
+def _local_entries(root: str):
+    """(path, kind) for every entry below `root`, never following links: a symlink to /dev/zero
+    or to a folder above (a loop) must not be read or walked. kind: file, link or special."""
+    import stat
+
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            yield path, "file" if stat.S_ISREG(mode) else "link" if stat.S_ISLNK(mode) else "special_file"
+
+
+def scan_files(uri: str, storage_options: dict | None = None,
+               extensions: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:
+    """Input files under `uri` (recursive, sorted URIs) whose lowercase suffix is in `extensions`,
+    and what was passed over, counted by reason: `link`, `special_file` (FIFOs, devices, sockets:
+    local only) and `extension <ext>` for files of other types. Nothing is dropped uncounted."""
+    from collections import Counter
+
+    wanted = tuple(ext.lower() for ext in extensions)
+    skipped: Counter = Counter()
+    if is_local(uri):
+        path = _local_path(uri)
+        entries = list(_local_entries(path)) if os.path.isdir(path) else []
+    else:
+        fs, path = filesystem(uri, storage_options)
+        entries = [(_as_uri(uri, f), "file") for f in fs.find(path, withdirs=False)]
+    files = []
+    for file, kind in entries:
+        if kind != "file":
+            skipped[kind] += 1
+        elif not file.lower().endswith(wanted):
+            skipped[f"extension {os.path.splitext(file)[1].lower() or '(none)'}"] += 1
+        else:
+            files.append(file)
+    return sorted(files), dict(skipped)
+
+
+def read_bytes(uri: str, storage_options: dict | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole content of one file; with `max_bytes`, at most max_bytes + 1 bytes (one ranged
+    request), so a caller sees an oversized file without ever holding all of it."""
+    import errno
+
     fs, path = filesystem(uri, storage_options)
-    return fs.cat_file(path)
+    if max_bytes is None:
+        return fs.cat_file(path)
+    try:
+        return fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as err:  # S3 answers a range request on an empty object with 416 InvalidRange
+        if err.errno == errno.EINVAL and not is_local(uri) and fs.size(path) == 0:
+            return b""
+        raise
+
+
+# Answers that will not change if asked again; anything else (throttling, timeouts, resets,
+# access denied while credentials rotate) is worth another attempt.
+DEFINITE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed read may succeed later: every OSError (s3fs turns S3 `SlowDown` into
+    one) and timeout, except the definite answers in DEFINITE_ERRORS."""
+    from fsspec.exceptions import FSTimeoutError
+
+    return isinstance(err, (OSError, TimeoutError, FSTimeoutError)) and not isinstance(err, DEFINITE_ERRORS)
+
+
+def retry_transient(call, attempts: int = 5, backoff_s: float = 0.5):
+    """`call()` with up to `attempts` tries, sleeping backoff_s * 2**i (capped at 30 s) between
+    tries that failed transiently. Definite errors and the last transient one propagate."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised unless transient
+            if not is_transient(err) or attempt == attempts - 1:
+                raise
+            time.sleep(min(backoff_s * 2 ** attempt, 30.0))
+    raise ValueError(f"attempts must be positive, got {attempts}")
+
+
+def size(uri: str, storage_options: dict | None = None) -> int:
+    """Size of one file in bytes, from its metadata (stat / HEAD): checked before reading it."""
+    fs, path = filesystem(uri, storage_options)
+    return int(fs.size(path))
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """Whether `inner` is `outer` or lies below it (same scheme and bucket; local paths resolved)."""
+    if is_local(inner) != is_local(outer):
+        return False
+    if is_local(inner):
+        a, b = os.path.realpath(_local_path(inner)), os.path.realpath(_local_path(outer))
+    else:
+        a, b = _strip_scheme(inner).rstrip("/"), _strip_scheme(outer).rstrip("/")
+    return a == b or a.startswith(b.rstrip("/") + "/")
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -218,25 +305,64 @@ def remove(uri: str, storage_options: dict | None = None, missing_ok: bool = Tru
     fs.rm_file(path)
 
 
-def _is_secret(name: str) -> bool:
-    lowered = name.lower()
-    return lowered not in _NOT_SECRET and any(word in lowered for word in _SECRET_WORDS)
+def read_versioned(uri: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """A small file's bytes and version (S3: its ETag; local: sha256 of the bytes), or
+    (None, None) when it does not exist. The version is what `compare_and_swap` checks."""
+    import hashlib
+
+    fs, path = filesystem(uri, storage_options)
+    try:
+        if is_local(uri):
+            data = fs.cat_file(path)
+            return data, hashlib.sha256(data).hexdigest()
+        etag = fs.info(path)["ETag"]
+        return fs.cat_file(path), etag
+    except FileNotFoundError:
+        return None, None
 
 
-def redact(options: dict | None) -> dict:
-    """A copy of `options` safe to log or record: credential-like values become "***".
+def compare_and_swap(uri: str, data: bytes, expected: str | None,
+                     storage_options: dict | None = None) -> str | None:
+    """Write `uri` only if its version is still `expected` (None: only if it does not exist).
+    Returns the new version, or None when another writer got there first.
 
-    Nested dicts (client_kwargs, config_kwargs) are redacted too.
+    S3 uses conditional PUTs (If-None-Match / If-Match), atomic on the server; local disk holds an
+    exclusive flock on a `.lock` file beside it while checking and replacing.
     """
-    redacted = {}
-    for name, value in (options or {}).items():
-        if isinstance(value, dict):
-            redacted[name] = redact(value)
-        elif _is_secret(str(name)) and value is not None:
-            redacted[name] = REDACTED
-        else:
-            redacted[name] = value
-    return redacted
+    import hashlib
+
+    if is_local(uri):
+        import fcntl
+
+        path = _local_path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = hashlib.sha256(Path(path).read_bytes()).hexdigest() if os.path.exists(path) else None
+            if current != expected:
+                return None
+            _write_local_atomic(path, data)
+            return hashlib.sha256(data).hexdigest()
+    import errno
+
+    fs, path = filesystem(uri, storage_options)
+    condition = {"mode": "create"} if expected is None else {"IfMatch": expected}
+    try:
+        return fs.pipe_file(path, bytes(data), **condition)["ETag"]
+    except (FileExistsError, FileNotFoundError):
+        return None
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # 412 Precondition Failed on If-Match
+            return None
+        raise
+
+
+def remove_many(uris: list[str], storage_options: dict | None = None) -> None:
+    """Delete many files of one store in bulk (S3: DeleteObjects, 1000 keys a request)."""
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0], storage_options)
+    fs.rm([filesystem(uri, storage_options)[1] for uri in uris])
 
 
 def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple["pyarrow.fs.FileSystem", str]:

@@ -1,19 +1,25 @@
 """The only module that talks to MLflow: one small tracker the driver opens once per run.
 
 Why a wrapper: MLflow rejects long param values, over-full batches and non-finite metrics with
-errors that surface at the end of a long run, and it would happily store a storage secret given in
-a config. `Tracker` bounds param lengths, batches every call, skips non-finite metrics with a
-warning and redacts secret-looking keys. It uses an explicit `MlflowClient`, so it sets no global
-MLflow state (no active run, no global tracking URI). mlflow and matplotlib are imported inside
-the functions that need them, so `import curation` stays fast.
+errors that surface at the end of a long run, it would happily store a storage secret given in
+a config, and its client retries an unreachable server for ~4 minutes. `check_reachable` finds a
+wrong tracking URI at job start, in seconds. `Tracker` bounds param lengths, batches every call,
+skips non-finite metrics with a warning, redacts secrets (`curation.secrets`: secret keys, URI
+passwords) and, while open, bounds MLflow's HTTP retries (CLIENT_ENV). It uses an explicit
+`MlflowClient`, so it sets no MLflow state (no active run, no global tracking URI). mlflow,
+requests and matplotlib are imported inside the functions that need them, so `import curation`
+stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import numbers
+import os
 import re
 import tempfile
 import time
@@ -22,15 +28,21 @@ from typing import Any
 
 import numpy as np
 
+from curation.secrets import redact, redact_text
+
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE_CHARS = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
-REDACTED = "<redacted>"
-_SECRET_WORDS = ("key", "secret", "token", "password")
-_NOT_SECRET = frozenset({"endpoint_url"})
+PROBE_TIMEOUT_S = 5.0
+# Set while a Tracker is open, unless the user set them. MLflow reads the HTTP ones at every
+# request (mlflow.utils.rest_utils.http_request); its defaults, 7 retries with backoff factor 2 and
+# a 120 s timeout, make a vanished server cost ~4 minutes, these a few seconds. It also prints
+# "View run ... at <tracking URI>" to stdout, password included: the Tracker logs it redacted.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed param/metric name characters
 
 
@@ -42,35 +54,107 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+class TrackingUnreachableError(RuntimeError):
+    """The MLflow tracking store of a run cannot be used (server down, wrong host or port, not an
+    MLflow server, local store folder not writable); raised at job start, before any work."""
+
+
+def check_reachable(tracking_uri: str | None) -> None:
+    """Fail in seconds, before Ray starts or any output is written, when the tracking store cannot
+    be used: http(s) servers get one GET of the experiments API (PROBE_TIMEOUT_S, no retries);
+    `sqlite:///` stores need a folder that exists or can be created and is writable. Other
+    schemes (databricks, postgresql ...) pass unchecked. Messages name the URI, redacted."""
+    uri = resolve_tracking_uri(tracking_uri)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        _probe_server(uri)
+    elif scheme == "sqlite":
+        _check_sqlite_folder(uri)
+
+
+def _probe_server(uri: str) -> None:
+    import requests
+
+    shown = redact_text(uri)
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        response = requests.get(url, timeout=PROBE_TIMEOUT_S)  # userinfo is sent as basic auth
+    except requests.RequestException as e:
+        raise TrackingUnreachableError(
+            f"cannot reach the MLflow tracking server at {shown}: {type(e).__name__}: {redact_text(str(e))}. "
+            "Check that the server is running (`mlflow server --host 0.0.0.0 --port 5000`) and that "
+            "tracking.uri names its scheme, host and port (or leave tracking.uri unset for a local "
+            "store in the working directory)") from None
+    if response.status_code in (401, 403):
+        raise PermissionError(f"the MLflow tracking server at {shown} refused the credentials (HTTP "
+                              f"{response.status_code}): check the user and password in tracking.uri or "
+                              "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD")
+    if response.status_code != 200:
+        raise TrackingUnreachableError(
+            f"{shown} does not answer like an MLflow tracking server (GET experiments/search: HTTP "
+            f"{response.status_code}): check the host, port and path in tracking.uri")
+
+
+def _check_sqlite_folder(uri: str) -> None:
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingUnreachableError(f"cannot create the folder {str(folder)!r} of the MLflow store "
+                                       f"{redact_text(uri)}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise TrackingUnreachableError(f"the MLflow store {redact_text(uri)} is not writable: check the "
+                                       f"permissions of {str(folder)!r}")
+
+
 def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> dotted keys (`source.storage_options.key`); lists -> JSON strings, with
-    secret keys inside them redacted first (once a JSON string, they no longer look like keys)."""
+    secrets inside them redacted first (once a JSON string, keys no longer look like keys)."""
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}."))
         elif isinstance(value, (list, tuple)):
-            flat[name] = json.dumps(_redact_params(value), default=str)
+            flat[name] = json.dumps(redact(value), default=str)
         else:
             flat[name] = value
     return flat
 
 
-def _is_secret_key(key: str) -> bool:
-    last = str(key).rsplit(".", 1)[-1].lower()
-    return last not in _NOT_SECRET and any(word in last for word in _SECRET_WORDS)
+@contextlib.contextmanager
+def _client_env():
+    """CLIENT_ENV in the environment for the duration, except what the user set."""
+    added = {name: value for name, value in CLIENT_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
-def _redact_params(params: Any) -> Any:
-    """Replace the value of every key whose last dotted component names a secret (key, secret,
-    token, password; `endpoint_url` excepted), at any depth, lists included, so neither a flat
-    `storage_options.secret` nor a nested one reaches MLflow."""
-    if isinstance(params, dict):
-        return {k: REDACTED if _is_secret_key(k) else _redact_params(v) for k, v in params.items()}
-    if isinstance(params, (list, tuple)):
-        return [_redact_params(v) for v in params]
-    return params
+class TrackingError(RuntimeError):
+    """An MLflow call failed with a message that named a credential (MLflow's errors quote the
+    request URL, userinfo included); this carries that message redacted instead."""
+
+
+def _redacted_errors(method):
+    """Re-raise an error whose message holds a credential as TrackingError with it redacted;
+    any other error passes unchanged (its type may matter to the caller)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:
+            shown = redact_text(str(e))
+            if shown == str(e):
+                raise
+            raise TrackingError(f"{type(e).__name__}: {shown}") from None
+    return wrapper
 
 
 def _clean_name(key: str) -> str:
@@ -103,20 +187,28 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._client = None
+        self._limits = contextlib.ExitStack()
 
     # -- run lifecycle --------------------------------------------------------------------------
+    @_redacted_errors
     def __enter__(self) -> Tracker:
         import mlflow
 
-        self._client = mlflow.MlflowClient(self.tracking_uri)
-        self.experiment_id = self._experiment_id()
-        run = self._client.create_run(self.experiment_id, run_name=self.run_name,
-                                      tags=_context_tags(self._clean_tags(self.tags)))
+        self._limits.enter_context(_client_env())
+        try:
+            self._client = mlflow.MlflowClient(self.tracking_uri)
+            self.experiment_id = self._experiment_id()
+            run = self._client.create_run(self.experiment_id, run_name=self.run_name,
+                                          tags=_context_tags(self._clean_tags(self.tags)))
+        except BaseException:
+            self._limits.close()
+            raise
         self.run_id = run.info.run_id
         logger.info("MLflow run %s (%s) in experiment %r at %s", self.run_name, self.run_id,
-                    self.experiment, self.tracking_uri)
+                    self.experiment, redact_text(self.tracking_uri))
         return self
 
+    @_redacted_errors
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             status = "FINISHED"
@@ -124,11 +216,17 @@ class Tracker:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         try:
             self._client.set_terminated(self.run_id, status=status)
-        except Exception:
+            if self.tracking_uri.startswith(("http://", "https://")):
+                logger.info("View MLflow run %s at %s/#/experiments/%s/runs/%s", self.run_name,
+                            redact_text(self.tracking_uri.rstrip("/")), self.experiment_id, self.run_id)
+        except Exception as e:
             if exc_type is None:
                 raise
             # never hide the run's own error behind a tracking-server hiccup
-            logger.exception("could not mark MLflow run %s %s", self.run_id, status)
+            logger.error("could not mark MLflow run %s %s: %s", self.run_id, status,
+                         redact_text(f"{type(e).__name__}: {e}"))
+        finally:
+            self._limits.close()
 
     def _experiment_id(self) -> str:
         """Existing experiment's id, or a new one's; a deleted experiment of that name is an error
@@ -145,22 +243,24 @@ class Tracker:
                     raise
         if found.lifecycle_stage != "active":
             raise ValueError(
-                f"MLflow experiment {self.experiment!r} at {self.tracking_uri} is deleted; restore "
+                f"MLflow experiment {self.experiment!r} at {redact_text(self.tracking_uri)} is deleted; restore "
                 f"it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
                 f"or choose another tracking.experiment")
         return found.experiment_id
 
     # -- params, tags, metrics ------------------------------------------------------------------
+    @_redacted_errors
     def log_params(self, params: dict) -> None:
         """Params as strings of at most 6000 chars; nested dicts are flattened first and secret
         keys redacted. MLflow params are immutable: re-logging a key with another value raises."""
         from mlflow.entities import Param
 
-        flat = flatten(_redact_params(params))
+        flat = flatten(redact(params))
         items = [Param(_clean_name(k), str(v)[:MAX_PARAM_VALUE_CHARS]) for k, v in flat.items()]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=chunk)
 
+    @_redacted_errors
     def set_tags(self, tags: dict) -> None:
         """Tags as strings of at most 8000 chars; secret keys redacted."""
         from mlflow.entities import RunTag
@@ -171,9 +271,10 @@ class Tracker:
 
     @staticmethod
     def _clean_tags(tags: dict) -> dict[str, str]:
-        flat = flatten(_redact_params(tags))
+        flat = flatten(redact(tags))
         return {_clean_name(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in flat.items()}
 
+    @_redacted_errors
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Numeric metrics at `step` (0 when None). NaN/inf are skipped with a logged warning rather
         than stored (they make charts and run comparisons meaningless); non-numbers raise TypeError."""
@@ -192,15 +293,18 @@ class Tracker:
             self._client.log_batch(self.run_id, metrics=chunk)
 
     # -- artifacts ------------------------------------------------------------------------------
+    @_redacted_errors
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """`obj` as indented JSON at `artifact_file` (e.g. "config.json"), secret keys redacted
         as in `log_params` (a config's storage options would otherwise land in the artifact)."""
-        text = json.dumps(_redact_params(obj), indent=2, default=str)
+        text = json.dumps(redact(obj), indent=2, default=str)
         self._client.log_text(self.run_id, text, artifact_file)
 
+    @_redacted_errors
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(local_file), artifact_path)
 
+    @_redacted_errors
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Every file under `local_dir` (e.g. a detector directory) under `artifact_path`."""
         self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
@@ -244,12 +348,13 @@ class Tracker:
 
 def _context_tags(tags: dict[str, str]) -> dict[str, str]:
     """User tags plus MLflow's context tags (user, source name/type, git commit), which its fluent
-    API adds on `start_run` and `MlflowClient.create_run` does not; the UI shows them per run."""
+    API adds on `start_run` and `MlflowClient.create_run` does not; the UI shows them per run.
+    Redacted: the git remote URL (`mlflow.source.git.repoURL`) may hold a token or password."""
     try:
         from mlflow.tracking.context.registry import resolve_tags
     except ImportError:  # internal API moved: the run is still valid without them
         return tags
-    return resolve_tags(tags)
+    return redact(resolve_tags(tags))
 
 
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from curation import storage
+from curation import secrets, storage, tracking
 from curation.config import DetectorConfig, RunConfig, ThresholdConfig, to_dict
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
-from curation.pipeline.plan import Partition, RunDirectory, make_partitions, plan, relative_inputs
+from curation.pipeline.lease import RunLease, RunLockedError
+from curation.pipeline.plan import OutputConflictError, Partition, RunDirectory, make_partitions, plan, relative_inputs
 from curation.pipeline.read import read_parquet_table
 from curation.pipeline.write import FAILED, write_partition
 
@@ -57,36 +58,64 @@ def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) ->
     return detector_to_files(detector)
 
 
+CACHE_RECORD = "_complete.json"  # {file name: sha256} of a cached artifact, written last
+
+
 def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
-    """Fitted state depends on the model and everything but the threshold."""
+    """Fitted state depends on the model and everything but the threshold; HFTT's word corpus by
+    its content (sha256 of the cleaned words), so a word list edited in place is refitted.
+    Task texts are already inlined by the config (`task_file` -> `task_texts`)."""
     fit_config = {k: v for k, v in dataclasses.asdict(det).items() if k != "threshold"}
+    if det.kind == "hftt":
+        from curation.text.corpora import load_word_corpus
+
+        fit_config["corpus"] = load_word_corpus(det.corpus).provenance()
     payload = json.dumps({"model": model_identity(model_cfg), "detector": fit_config}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, bool]]:
-    """Artifacts of every configured detector: reused from the cache when config and model match,
-    otherwise fitted in Ray Tasks (one per detector) and cached."""
-    root = cache_root(cfg) / "detectors"
+    """Artifacts of every configured detector: reused from the cache when config and model match
+    and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached."""
+    root, identity = cache_root(cfg) / "detectors", model_identity(cfg.model)
     keys = [detector_key(cfg.model, det) for det in cfg.detectors]
-    reused = {det.label: (root / key / "detector.json").exists() for det, key in zip(cfg.detectors, keys)}
-    todo = [(cfg.model, det, str(cache_root(cfg))) for det in cfg.detectors if not reused[det.label]]
+    cached = [_cached_artifact(root / key, identity) for key in keys]
+    todo = [(cfg.model, det, str(cache_root(cfg))) for det, files in zip(cfg.detectors, cached) if files is None]
     gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
     fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
-    artifacts = []
-    for det, key in zip(cfg.detectors, keys):
-        if reused[det.label]:
-            artifacts.append({p.name: p.read_bytes() for p in (root / key).iterdir()})
-        else:
-            artifacts.append(_cache_artifact(root / key, next(fitted)))
-    return artifacts, reused
+    artifacts = [files if files is not None else _cache_artifact(root / key, next(fitted))
+                 for key, files in zip(keys, cached)]
+    return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
 
 
 def _cache_artifact(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
-    """Write a fitted artifact once; detector.json last, since its presence marks the entry done."""
+    """Write a fitted artifact; the checksum record last, since it marks the entry complete."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in sorted(files, key=lambda n: n == "detector.json"):
-        (directory / name).write_bytes(files[name])
+    (directory / CACHE_RECORD).unlink(missing_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    record = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    (directory / CACHE_RECORD).write_text(json.dumps(record, indent=2))
+    return files
+
+
+def _cached_artifact(directory: Path, identity: str) -> dict[str, bytes] | None:
+    """The cached artifact if it is complete, matches its checksums and loads for model `identity`;
+    None (refit) otherwise, with a warning when an entry was there but failed the check."""
+    from curation.detectors.base import detector_from_files
+
+    if not directory.exists():
+        return None
+    try:
+        record = json.loads((directory / CACHE_RECORD).read_text())
+        files = {name: (directory / name).read_bytes() for name in record}
+        corrupt = sorted(n for n, data in files.items() if hashlib.sha256(data).hexdigest() != record[n])
+        if corrupt:
+            raise ValueError(f"checksum mismatch in {corrupt}")
+        detector_from_files(files, identity)
+    except Exception as err:  # noqa: BLE001 - any fault in a cache entry means: fit again
+        log.warning("cached detector %s is unusable (%s: %s); refitting", directory, type(err).__name__, err)
+        return None
     return files
 
 
@@ -106,9 +135,9 @@ def preprocess_of(cfg: RunConfig) -> tuple[int, tuple, tuple]:
 def score_partitions(cfg: RunConfig, root: str, partitions: list[Partition], artifacts,
                      source=None) -> dict[str, np.ndarray]:
     """Scores of every decodable item in `partitions` (no decisions, nothing written)."""
-    source = source or cfg.source
+    source = source or dataclasses.replace(cfg.source, uri=root)
     never = {det.label: NEVER for det in cfg.detectors}
-    batches = [] if not partitions else list(ray_data.stream(partitions, root, source, cfg.model, cfg.compute, artifacts, never,
+    batches = [] if not partitions else list(ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts, never,
                                    preprocess_of(cfg)))
     if not batches:
         return {f"score_{d.label}": np.zeros(0, np.float32) for d in cfg.detectors} | {"failed": 0}
@@ -147,6 +176,22 @@ def rule_threshold(rule: ThresholdConfig, sample: np.ndarray | None = None,
     return {"strategy": "tpr", "tpr": rule.value, "threshold": threshold_for_rate(wanted, 1.0 - rule.value)}
 
 
+class CalibrationError(ValueError):
+    """Too few decodable images to derive a data-dependent (quantile) threshold from."""
+
+
+def check_calibration_sample(cfg: RunConfig, det: DetectorConfig, found: int, failed: int, where: str) -> None:
+    """Refuse to calibrate (and freeze in _thresholds.json) a quantile threshold on a tiny sample."""
+    needed = det.threshold.min_sample
+    if found < needed:
+        i = cfg.detectors.index(det)
+        raise CalibrationError(
+            f"detector {det.label!r}: a quantile threshold needs at least {needed} decodable images to "
+            f"calibrate on; found {found} ({failed} failed to decode) in {where} (the sample is up to "
+            f"sample_size image files, or the first 4 parquet files / shards). Add data, lower "
+            f"detectors[{i}].threshold.min_sample, or use a fixed threshold (threshold.strategy: fixed).")
+
+
 def calibration_partitions(cfg: RunConfig, partitions: list[Partition], sample_size: int) -> list[Partition]:
     """A deterministic spread-out sample: image files every k-th, else the first files."""
     if cfg.source.format == "images":
@@ -173,7 +218,9 @@ def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Parti
         sample_size = max(d.threshold.sample_size for d in pending)
         scores = score_partitions(cfg, cfg.source.uri, calibration_partitions(cfg, partitions, sample_size), artifacts)
         for det in (d for d in pending if d.threshold.strategy == "quantile"):
-            result[det.label] = rule_threshold(det.threshold, scores[f"score_{det.label}"])
+            sample = scores[f"score_{det.label}"]
+            check_calibration_sample(cfg, det, len(sample), scores["failed"], cfg.source.uri)
+            result[det.label] = rule_threshold(det.threshold, sample)
     if any(d.threshold.strategy == "tpr" for d in pending):
         result.update(_tpr_thresholds(cfg, [d for d in pending if d.threshold.strategy == "tpr"], artifacts))
     run.write_json(result, "_thresholds.json")
@@ -198,6 +245,36 @@ def _tpr_thresholds(cfg: RunConfig, detectors: list[DetectorConfig], artifacts) 
 
 
 # -- curate ------------------------------------------------------------------------------------
+def check_output_outside_source(source_uri: str, output_uri: str) -> None:
+    """The source listing is recursive: an output inside the source would be curated by the next run."""
+    if storage.is_within(output_uri, source_uri):
+        raise OutputConflictError(f"output.uri {output_uri!r} lies inside source.uri {source_uri!r}; the next run "
+                                  "would curate its own outputs. Choose an output location outside the source.")
+
+
+def _check_lease(lease: RunLease) -> None:
+    if lease.lost:
+        raise RunLockedError(f"{lease.run.uri}: the lease was taken over by another run (this one was presumed "
+                             "dead); stopping before recording more partitions")
+
+
+def _finished_and_unfinished(jobs: list[tuple[Partition, object]]) -> tuple[list[dict], list[dict]]:
+    """Counts of the partitions written, and {partition, reason} of those left for the next run:
+    transiently unreadable inputs, or a writer task that failed (its error is the reason)."""
+    counts, unfinished = [], []
+    for (partition, _), result in zip(jobs, ray_data.wait_all([ref for _, ref in jobs])):
+        if isinstance(result, Exception):
+            unfinished.append({"partition": partition.id, "reason": f"{type(result).__name__}: {result}"[:2000]})
+        elif "unfinished" in result:
+            unfinished.append({"partition": partition.id, "reason": result["unfinished"][:2000]})
+        else:
+            counts.append(result)
+    if unfinished:
+        log.warning("%d of %d partitions left unfinished (the next run retries them), e.g. %s", len(unfinished),
+                    len(jobs), unfinished[0]["reason"])
+    return counts, unfinished
+
+
 class PartitionCollector:
     """Groups streamed rows by partition; yields a partition's columns once all its rows arrived."""
 
@@ -222,7 +299,7 @@ class PartitionCollector:
             raise RuntimeError(f"stream ended with incomplete partitions: {sorted(self.rows)}")
         empty = {k: np.zeros(0, object) for k in ("partition", "id", "source", "error_kind", "error_message",
                                                   "decision", "fired")}
-        empty |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64),
+        empty |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64), "whole_file": np.zeros(0, bool),
                   "embedding": np.zeros((0, dim), np.float32)}
         empty |= {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
         for pid, partition in self.partitions.items():
@@ -231,24 +308,37 @@ class PartitionCollector:
 
 
 def _sum_counts(counts: list[dict], names: list[str]) -> dict:
-    total = {k: sum(c[k] for c in counts) for k in ("items", "kept", "removed", "failed")}
+    total = {k: sum(c.get(k, 0) for c in counts) for k in ("items", "kept", "removed", "failed", "files",
+                                                          "failed_files")}
     total["fired"] = {n: sum(c["fired"].get(n, 0) for c in counts) for n in names}
     total["partitions"] = len(counts)
     return total
 
 
 def curate(cfg: RunConfig) -> dict:
-    """The main job: fit (or reuse) detectors, decide thresholds, stream, write, track."""
-    timings, started = {}, time.perf_counter()
+    """The main job: fit (or reuse) detectors, decide thresholds, stream, write, track; under a
+    lease on the run directory, so overlapping runs cannot corrupt each other."""
+    started = time.perf_counter()
+    tracking.check_reachable(cfg.tracking.uri)
+    check_output_outside_source(cfg.source.uri, cfg.output.uri)
     storage.check_reachable(cfg.source.uri, cfg.source.storage_options)
     storage.check_reachable(cfg.output.uri, cfg.output.storage_options)
-    ray_data.init_ray(cfg.compute.ray_address)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    with RunLease(run, cfg.output.lease_ttl_s) as lease:  # before Ray starts: a refused run costs nothing
+        ray_data.init_ray(cfg.compute.ray_address)
+        return _curate_leased(cfg, run, lease, started)
+
+
+def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: float) -> dict:
+    timings = {}
     run.claim(cfg.decision_hash(), _loggable(cfg))
     finished = run.manifest()
-    run.remove_unfinished_outputs(set(finished))
-    partitions = plan(cfg.source.uri, cfg.source.storage_options, cfg.source.format, cfg.source.partition_size, finished)
+    run.remove_unfinished_outputs(finished)
+    partitions, skipped = plan(cfg.source.uri, cfg.source.storage_options, cfg.source.format,
+                               cfg.source.partition_size, finished)
     log.info("%d partitions to do, %d already finished", len(partitions), len(finished))
+    if skipped:
+        log.warning("source entries skipped (not inputs of format %r): %s", cfg.source.format, skipped)
 
     tick = time.perf_counter()
     artifacts, reused = fitted_detectors(cfg)
@@ -260,19 +350,20 @@ def curate(cfg: RunConfig) -> dict:
     tick = time.perf_counter()
     names = [d.label for d in cfg.detectors]
     scores = {n: [] for n in names}
-    collector, refs = PartitionCollector(partitions), []
-    write_args = (cfg.source.uri, cfg.source.storage_options, names, cfg.output.store_embeddings)
+    collector, jobs = PartitionCollector(partitions), []
+    write_args = (cfg.source, names, cfg.output.store_embeddings)
     values = {n: t["threshold"] for n, t in thresholds.items()}
-    for batch in ray_data.stream(partitions, cfg.source.uri, cfg.source, cfg.model, cfg.compute, artifacts,
+    for batch in ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
                                  values, preprocess_of(cfg)):
         for n in names:
             scores[n].append(batch[f"score_{n}"][batch["decision"] != FAILED])
         for partition, results in collector.add(batch):
-            refs.append(ray_data.submit(write_partition, run, partition, results, *write_args))
+            _check_lease(lease)
+            jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
     dim = load_artifacts(artifacts[:1])[0].dim_ if artifacts else 0
     for partition, results in collector.unseen(dim, names):
-        refs.append(ray_data.submit(write_partition, run, partition, results, *write_args))
-    counts = ray_data.wait_all(refs)
+        jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
+    counts, unfinished = _finished_and_unfinished(jobs)
     timings["stream_and_write_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
 
@@ -280,22 +371,38 @@ def curate(cfg: RunConfig) -> dict:
     summary = {
         "run_name": cfg.run_name, "run_dir": run.uri, "decision_hash": cfg.decision_hash(),
         "model": model_identity(cfg.model), "thresholds": thresholds, "detectors_reused": reused,
-        "this_run": this_run, "total": _sum_counts([r["counts"] for r in run.manifest().values()], names),
+        "skipped": skipped, "unfinished": unfinished, "this_run": this_run, "total": _sum_counts([r["counts"] for r in run.manifest().values()], names),
         "throughput_items_per_s": this_run["items"] / timings["stream_and_write_s"] if this_run["items"] else 0.0,
         "timings": timings,
     }
-    summary["mlflow_run_id"] = _track_curate(cfg, summary, artifacts,
-                                             {n: np.concatenate(v) if v else np.zeros(0) for n, v in scores.items()})
-    run.write_json(summary, "summary.json")
-    return summary
+    return _write_and_track(cfg, run, summary, artifacts,
+                            {n: np.concatenate(v) if v else np.zeros(0) for n, v in scores.items()})
 
 
 def _loggable(cfg: RunConfig) -> dict:
-    """The config as data with storage secrets redacted: safe for MLflow, logs and summary files."""
-    data = to_dict(cfg)
-    for section in ("source", "output", "evaluation"):
-        data[section]["storage_options"] = storage.redact(data[section]["storage_options"])
-    return data
+    """The config as data with secrets redacted (secret keys, URI passwords, secret query
+    parameters): safe for MLflow, logs and _config.json. Hashes use the real config."""
+    return secrets.redact(to_dict(cfg))
+
+
+def _write_and_track(cfg: RunConfig, run: RunDirectory, summary: dict, artifacts, scores) -> dict:
+    """summary.json first, so the outputs are complete whatever MLflow does; then the MLflow run,
+    and summary.json again with its outcome: `tracking` {"status": "ok", "run_id"} or
+    {"status": "failed", "error"} (the job still returns; the CLI exits non-zero), `mlflow_run_id`."""
+    summary = secrets.redact(summary, keys=False)  # URIs in run_dir / rescored_from
+    run.write_json(summary | {"tracking": {"status": "pending"}, "mlflow_run_id": None}, "summary.json")
+    try:
+        run_id = _track_curate(cfg, summary, artifacts, scores)
+        summary["tracking"] = {"status": "ok", "run_id": run_id}
+    except Exception as e:  # noqa: BLE001 - any tracking fault is recorded, outputs stand
+        run_id, error = None, secrets.redact_text(f"{type(e).__name__}: {e}")
+        log.error("MLflow tracking at %s failed; the outputs in %s are complete and summary.json "
+                  "records the failure: %s", secrets.redact_text(tracking.resolve_tracking_uri(cfg.tracking.uri)),
+                  summary["run_dir"], error)
+        summary["tracking"] = {"status": "failed", "error": error}
+    summary["mlflow_run_id"] = run_id
+    run.write_json(summary, "summary.json")
+    return summary
 
 
 # -- tracking ----------------------------------------------------------------------------------
@@ -351,6 +458,7 @@ def train(cfg: RunConfig) -> dict:
     """Fit the configured detectors only; artifacts to the cache, the run directory and MLflow."""
     from curation.tracking import Tracker, flatten
 
+    tracking.check_reachable(cfg.tracking.uri)
     ray_data.init_ray(cfg.compute.ray_address)
     tick = time.perf_counter()
     artifacts, reused = fitted_detectors(cfg)
@@ -384,6 +492,8 @@ def stored_results(previous: RunDirectory, pid: str) -> dict[str, np.ndarray]:
             "position": np.array(scored.column("position").to_pylist() + failed.column("position").to_pylist()),
             "error_kind": np.array([""] * n_ok + failed.column("error_kind").to_pylist(), dtype=object),
             "error_message": np.array([""] * n_ok + failed.column("message").to_pylist(), dtype=object),
+            "whole_file": np.array([False] * n_ok + (failed.column("whole_file").to_pylist()
+                                                     if "whole_file" in failed.column_names else [False] * n_bad)),
             "embedding": np.concatenate([embedding, np.zeros((n_bad, dim), np.float32)])}
 
 
@@ -393,6 +503,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     from curation.pipeline.score import decide
 
     tick = time.perf_counter()
+    tracking.check_reachable(cfg.tracking.uri)
     previous = RunDirectory(scores_uri, "", cfg.output.storage_options)
     owner = previous.read_json("_config.json")
     if owner is None:
@@ -409,23 +520,24 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     stored = {pid: stored_results(previous, pid) for pid in partitions}
     thresholds = _rescore_thresholds(cfg, detectors, stored, artifacts)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
-    run.claim(cfg.decision_hash(), _loggable(cfg))
     values = {n: t["threshold"] for n, t in thresholds.items()}
-    refs = []
-    for pid, results in stored.items():
-        results |= decide(results["embedding"], results["error_kind"] == "", detectors, values)
-        refs.append(ray_data.submit(write_partition, run, partitions[pid], results, cfg.source.uri,
-                                    cfg.source.storage_options, names, cfg.output.store_embeddings))
-    this_run = _sum_counts(ray_data.wait_all(refs), names)
-    summary = {"run_name": cfg.run_name, "run_dir": run.uri, "rescored_from": scores_uri,
-               "model": previous_model, "thresholds": thresholds, "this_run": this_run, "total": this_run,
-               "throughput_items_per_s": this_run["items"] / (time.perf_counter() - tick),
-               "timings": {"total_s": time.perf_counter() - tick}, "detectors_reused": {}}
-    scores = {n: np.concatenate([r[f"score_{n}"][r["error_kind"] == ""] for r in stored.values()]) if stored
-              else np.zeros(0) for n in names}
-    summary["mlflow_run_id"] = _track_curate(cfg, summary, artifacts, scores)
-    run.write_json(summary, "summary.json")
-    return summary
+    with RunLease(run, cfg.output.lease_ttl_s):
+        run.claim(cfg.decision_hash(), _loggable(cfg))
+        jobs = []
+        for pid, results in stored.items():
+            results |= decide(results["embedding"], results["error_kind"] == "", detectors, values)
+            jobs.append((partitions[pid], ray_data.submit(write_partition, run, partitions[pid], results, cfg.source,
+                                                          names, cfg.output.store_embeddings)))
+        counts, unfinished = _finished_and_unfinished(jobs)
+        this_run = _sum_counts(counts, names)
+        summary = {"run_name": cfg.run_name, "run_dir": run.uri, "rescored_from": scores_uri,
+                   "model": previous_model, "thresholds": thresholds, "unfinished": unfinished,
+                   "this_run": this_run, "total": this_run,
+                   "throughput_items_per_s": this_run["items"] / (time.perf_counter() - tick),
+                   "timings": {"total_s": time.perf_counter() - tick}, "detectors_reused": {}}
+        scores = {n: np.concatenate([r[f"score_{n}"][r["error_kind"] == ""] for r in stored.values()]) if stored
+                  else np.zeros(0) for n in names}
+        return _write_and_track(cfg, run, summary, artifacts, scores)
 
 
 def _rescore_thresholds(cfg: RunConfig, detectors, stored: dict, artifacts) -> dict:
@@ -436,8 +548,8 @@ def _rescore_thresholds(cfg: RunConfig, detectors, stored: dict, artifacts) -> d
     for det_cfg, detector in zip(cfg.detectors, detectors):
         rule = det_cfg.threshold
         if rule.strategy == "quantile":
-            out[det_cfg.label] = rule_threshold(rule, detector.score(all_embeddings) if len(all_embeddings)
-                                                else np.zeros(0))
+            check_calibration_sample(cfg, det_cfg, len(all_embeddings), 0, "the stored embeddings")
+            out[det_cfg.label] = rule_threshold(rule, detector.score(all_embeddings))
         elif rule.strategy == "fixed":
             out[det_cfg.label] = rule_threshold(rule)
     tpr = [d for d in cfg.detectors if d.threshold.strategy == "tpr"]
@@ -453,6 +565,7 @@ def evaluate(cfg: RunConfig) -> dict:
     ev = cfg.evaluation
     if not (ev.wanted_uri and ev.unwanted_uri):
         raise ValueError("evaluate needs evaluation.wanted_uri and evaluation.unwanted_uri")
+    tracking.check_reachable(cfg.tracking.uri)
     ray_data.init_ray(cfg.compute.ray_address)
     artifacts, _ = fitted_detectors(cfg)
     wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)

@@ -68,7 +68,7 @@ def make_config(shared_cache, world_file, tmp_path):
                         "threshold: {strategy: fixed, value: 0.5}}",
             "hftt": f"{{kind: hftt, name: hftt, task_texts: [apple, banana, bread], corpus: {world_file}, "
                     "params: {templates: ['a photo of a {}.'], n_trainable: 3, batch_size: 8}, "
-                    "threshold: {strategy: quantile, value: 0.3, sample_size: 64}}",
+                    "threshold: {strategy: quantile, value: 0.3, sample_size: 64, min_sample: 2}}",
             "mcm": "{kind: mcm, name: mcm, task_texts: [apple, banana, bread], "
                    "threshold: {strategy: fixed, value: 0.5}}",
         }

@@ -225,13 +225,14 @@ def test_config_errors_name_the_field(make_config, override, field):
 
 def test_missing_object_is_a_recorded_failure(tmp_path):
     """A file listed at planning time and gone when read (deleted mid-run) fails alone, with a reason."""
+    from curation.config import SourceConfig
     from curation.pipeline.plan import make_partitions
     from curation.pipeline.read import decode_partition
 
     write_rgb_images(tmp_path, 2)
     names = sorted(p.name for p in tmp_path.iterdir())
     (partition,) = make_partitions(names + ["vanished.jpg"], "images", 8)
-    columns = decode_partition(str(tmp_path), partition, {}, 32, 10**8)
+    columns = decode_partition(partition, SourceConfig(uri=str(tmp_path), max_pixels=10**8), 32)
     assert columns["error_kind"].tolist() == ["", "", "missing"]
     assert "vanished.jpg" in columns["error_message"][2] or "No such file" in columns["error_message"][2]
     assert (columns["n_items"] == 3).all() and columns["pixels"].shape == (3, 32, 32, 3)

@@ -99,6 +99,16 @@ def test_s3_round_trip_gives_full_uris(s3):
     assert storage.list_files("s3://test-bucket/nothing-here", s3) == []
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bounded_reads_never_hold_more_than_the_limit_plus_one(where, s3, tmp_path):
+    root, options = (str(tmp_path), None) if where == "local" else ("s3://test-bucket/bounded", s3)
+    for name, data in (("big", b"x" * 1000), ("small", b"abc"), ("empty", b"")):
+        storage.write_bytes(storage.join(root, name), data, options)
+    assert storage.read_bytes(storage.join(root, "big"), options, max_bytes=10) == b"x" * 11
+    assert storage.read_bytes(storage.join(root, "small"), options, max_bytes=10) == b"abc"
+    assert storage.read_bytes(storage.join(root, "empty"), options, max_bytes=10) == b""  # S3: 416 on a range
+
+
 def test_s3_listing_sees_files_written_by_another_process(s3):
     """No stale listing cache: Ray workers write files the driver lists afterwards."""
     import s3fs
@@ -130,19 +140,6 @@ def test_parquet_through_pyarrow_filesystem(s3, tmp_path, where):
     pq.write_table(table, path, filesystem=fs)
     assert pq.read_table(path, filesystem=fs).equals(table)
     assert storage.exists(uri, options)
-
-
-def test_redact_hides_secrets_at_every_depth():
-    options = {"endpoint_url": "http://h:1", "key": "AKIA", "secret": "s3cr3t", "token": "t", "anon": False,
-               "client_kwargs": {"aws_secret_access_key": "x", "aws_access_key_id": "y", "region_name": "r"},
-               "config_kwargs": {"connect_timeout": 5}, "password": "p", "session_token": "st"}
-    redacted = storage.redact(options)
-    assert redacted == {"endpoint_url": "http://h:1", "key": "***", "secret": "***", "token": "***", "anon": False,
-                        "client_kwargs": {"aws_secret_access_key": "***", "aws_access_key_id": "***",
-                                          "region_name": "r"},
-                        "config_kwargs": {"connect_timeout": 5}, "password": "***", "session_token": "***"}
-    assert options["key"] == "AKIA"  # a copy: the original still works
-    assert storage.redact(None) == {}
 
 
 def test_check_reachable_passes_for_live_bucket_and_local(s3, tmp_path):
@@ -192,3 +189,9 @@ def test_silent_endpoint_hits_the_probe_deadline(monkeypatch):
         assert time.perf_counter() - start < 6
         for sock in fillers:
             sock.close()
+
+
+def test_credentials_in_an_s3_uri_are_refused_without_echoing_them():
+    with pytest.raises(ValueError, match="holds credentials") as caught:
+        storage.check_reachable(f"s3://AKIAEXAMPLE:{DUMMY_SECRET}@bucket/data", {})
+    assert DUMMY_SECRET not in str(caught.value) and "s3://AKIAEXAMPLE:***@bucket/data" in str(caught.value)

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from curation.metrics import auroc
+from curation.secrets import MARKER as REDACTED
+from curation.secrets import redact
 from curation.tracking import (
-    REDACTED,
     Tracker,
-    _redact_params,
+    TrackingError,
+    TrackingUnreachableError,
+    check_reachable,
     flatten,
     resolve_tracking_uri,
     roc_points,
@@ -112,15 +120,15 @@ def test_flatten_dots_nested_keys_and_json_encodes_lists():
     assert flatten({"x": 1}, prefix="cfg.") == {"cfg.x": 1}
 
 
-def test_redact_params_by_last_key_component():
+def test_redact_by_last_key_component():
     flat = {"source.storage_options.key": "k", "a.aws_secret_access_key": "s", "b.Password": "p",
             "c.session_token": "t", "c.endpoint_url": "http://e", "model.name": "m",
             "keep": "yes"}
-    assert _redact_params(flat) == {
+    assert redact(flat) == {
         "source.storage_options.key": REDACTED, "a.aws_secret_access_key": REDACTED,
         "b.Password": REDACTED, "c.session_token": REDACTED, "c.endpoint_url": "http://e",
         "model.name": "m", "keep": "yes"}
-    nested = _redact_params({"so": {"secret": "s"}, "items": [{"token": "t"}]})
+    nested = redact({"so": {"secret": "s"}, "items": [{"token": "t"}]})
     assert nested == {"so": {"secret": REDACTED}, "items": [{"token": REDACTED}]}
 
 
@@ -210,6 +218,129 @@ def test_deleted_experiment_is_a_clear_error(local_uri):
     with pytest.raises(ValueError, match="deleted; restore"):
         with Tracker(local_uri, "gone", "r2"):
             pass
+
+
+def test_secrets_in_uris_and_tags_are_redacted(local_uri, caplog):
+    import mlflow
+
+    config = {"tracking": {"uri": f"http://alice:{SECRET}@mlflow:5000"},
+              "evaluation": {"wanted_uri": f"https://b/x?X-Amz-Signature={SECRET}"},
+              "source": {"uri": f"s3://AKIA-TEST:{SECRET}@bucket/x"}}
+    with caplog.at_level(logging.INFO, logger="curation.tracking"):
+        with Tracker(local_uri, "curation-test", "uris", tags={"remote": f"https://{SECRET}@git/r"}) as tracker:
+            tracker.log_params(flatten(config))
+            tracker.set_tags({"origin": f"http://bob:{SECRET}@h"})
+            tracker.log_dict(config, "config.json")
+    client = mlflow.MlflowClient(local_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.params["tracking.uri"] == "http://alice:***@mlflow:5000"
+    assert run.data.params["evaluation.wanted_uri"] == "https://b/x?X-Amz-Signature=***"
+    assert run.data.tags["remote"] == "https://***@git/r" and run.data.tags["origin"] == "http://bob:***@h"
+    assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if SECRET in v]
+    assert SECRET not in client.download_artifacts(tracker.run_id, "config.json") and SECRET not in caplog.text
+
+
+def test_context_tags_are_redacted(monkeypatch):
+    """MLflow's git context tag holds the remote URL, which may carry a token."""
+    import mlflow.tracking.context.registry as registry
+
+    monkeypatch.setattr(registry, "resolve_tags", lambda tags: tags | {
+        "mlflow.source.git.repoURL": f"https://user:{SECRET}@github.com/o/r.git"})
+    from curation.tracking import _context_tags
+
+    assert _context_tags({"job": "curate"}) == {
+        "job": "curate", "mlflow.source.git.repoURL": "https://user:***@github.com/o/r.git"}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_check_reachable_closed_port_fails_in_seconds_without_password():
+    uri = f"http://alice:{SECRET}@127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnreachableError) as caught:
+        check_reachable(uri)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert SECRET not in message and f"alice:***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in message
+    assert "mlflow server" in message and "tracking.uri" in message
+
+
+@contextlib.contextmanager
+def _http_server(status: int, requests_served: list):
+    """A local HTTP server answering every GET with `status` (stands in for MLflow or a stranger)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests_served.append((self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"experiments": []}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_reachable_answers_by_status():
+    served = []
+    with _http_server(200, served) as host:
+        check_reachable(f"http://alice:{SECRET}@{host}/")
+    assert served[0][0] == "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert served[0][1].startswith("Basic ")  # userinfo goes as basic auth, as MLflow's client does
+    with _http_server(404, []) as host, pytest.raises(TrackingUnreachableError, match="does not answer like"):
+        check_reachable(f"http://{host}")
+    with _http_server(401, []) as host, pytest.raises(PermissionError, match="refused the credentials") as caught:
+        check_reachable(f"http://alice:{SECRET}@{host}")
+    assert SECRET not in str(caught.value)
+
+
+def test_check_reachable_sqlite_folder(tmp_path):
+    check_reachable(f"sqlite:///{tmp_path / 'new' / 'deeper' / 'mlflow.db'}")
+    assert (tmp_path / "new" / "deeper").is_dir()
+    check_reachable("databricks")  # other schemes are left to MLflow
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrackingUnreachableError, match="cannot create the folder"):
+        check_reachable(f"sqlite:///{blocker / 'mlflow.db'}")
+
+
+def test_tracker_bounds_mlflow_http_retries(local_uri, monkeypatch):
+    """MLflow's own defaults retry a dead server for ~4 minutes; a Tracker bounds them while open,
+    and leaves the user's own settings and the environment after it alone."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    with Tracker(local_uri, "curation-test", "limits"):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # it prints the password
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_tracker_against_a_dead_server_fails_in_seconds():
+    uri = f"http://alice:{SECRET}@127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(TrackingError) as caught:
+        with Tracker(uri, "curation-test", "dead"):
+            pass
+    assert time.perf_counter() - start < 30
+    assert "alice:***@127.0.0.1" in str(caught.value) and SECRET not in str(caught.value)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 # -- real server ----------------------------------------------------------------------------------

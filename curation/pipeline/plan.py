@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 
 from curation import storage
@@ -18,6 +19,7 @@ from curation import storage
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FORMAT_EXTENSIONS = {"images": IMAGE_EXTENSIONS, "parquet": (".parquet",), "webdataset": (".tar",)}
 OUTPUT_DIRS = ("kept", "removed", "scores", "failed")
+log = logging.getLogger(__name__)
 
 
 class OutputConflictError(RuntimeError):
@@ -45,11 +47,28 @@ def _partition_id(inputs: list[str]) -> str:
     return hashlib.sha1("\n".join(inputs).encode()).hexdigest()[:16]
 
 
+def _unsafe_name(name: str) -> bool:
+    """Names that cannot map to a distinct output path: S3 keys with empty, `.` or `..`
+    segments (`a//b.jpg` and `a/./b.jpg` would both land on `kept/a/b.jpg`) or backslashes."""
+    return "\\" in name or any(segment in ("", ".", "..") for segment in name.split("/"))
+
+
+def scan_inputs(source_uri: str, storage_options: dict, fmt: str) -> tuple[list[str], dict[str, int]]:
+    """All input files of the source, relative to its root, sorted; and what was skipped, counted
+    by reason (links, special files, other extensions, unsafe names), for summary.json."""
+    root = storage.join(source_uri, "")
+    files, skipped = storage.scan_files(source_uri, storage_options, FORMAT_EXTENSIONS[fmt])
+    names = [f[len(root):] if f.startswith(root) else f for f in files]
+    unsafe = [name for name in names if _unsafe_name(name)]
+    if unsafe:
+        skipped["unsafe_name"] = len(unsafe)
+        log.warning("skipping %d inputs whose names cannot map to distinct outputs, e.g. %r", len(unsafe), unsafe[:3])
+    return sorted(set(names) - set(unsafe)), skipped
+
+
 def relative_inputs(source_uri: str, storage_options: dict, fmt: str) -> list[str]:
     """All input files of the source, relative to its root, sorted."""
-    root = storage.join(source_uri, "")
-    files = storage.list_files(source_uri, storage_options, FORMAT_EXTENSIONS[fmt])
-    return sorted(f[len(root):].lstrip("/") if f.startswith(root) else f for f in files)
+    return scan_inputs(source_uri, storage_options, fmt)[0]
 
 
 def make_partitions(inputs: list[str], fmt: str, partition_size: int) -> list[Partition]:
@@ -98,24 +117,32 @@ class RunDirectory:
         """Written last: from now on the partition counts as done."""
         self.write_json({"partition": asdict(partition), "counts": counts}, "_manifest", f"{partition.id}.json")
 
-    def remove_unfinished_outputs(self, finished: set[str]) -> int:
-        """Delete per-partition score/failure files with no manifest (a killed run's leftovers),
-        so a resumed run that regroups those inputs leaves no duplicate rows."""
-        removed = 0
-        for folder in ("scores", "failed"):
-            uri = self.path(folder)
-            if not storage.exists(uri, self.options):
-                continue
-            for file in storage.list_files(uri, self.options, (".parquet",)):
-                if file.rsplit("/", 1)[-1].split(".")[0] not in finished:
-                    storage.remove(file, self.options)
-                    removed += 1
-        return removed
+    def remove_unfinished_outputs(self, finished: dict[str, dict]) -> int:
+        """Delete every output that no manifest record vouches for (a killed run's leftovers):
+        score/failure files of unfinished partitions, and kept/ and removed/ copies of inputs that
+        no finished partition covers (half-written temp files included). A resumed run may
+        regroup those inputs and decide them again, so nothing stale may stay. Bulk deletes."""
+        inputs = finished_inputs(finished)
+        stale = []
+        for folder in OUTPUT_DIRS:
+            root = self.path(folder, "")
+            for file in storage.list_files(root, self.options) if storage.exists(root, self.options) else []:
+                name = file[len(root):]
+                done = name.split(".")[0] in finished if folder in ("scores", "failed") else name in inputs
+                if not done:
+                    stale.append(file)
+        storage.remove_many(stale, self.options)
+        return len(stale)
+
+
+def finished_inputs(finished: dict[str, dict]) -> set[str]:
+    return {name for record in finished.values() for name in record["partition"]["inputs"]}
 
 
 def plan(source_uri: str, storage_options: dict, fmt: str, partition_size: int,
-         finished: dict[str, dict]) -> list[Partition]:
-    """Partitions still to do: inputs not covered by any finished partition."""
-    done = {name for record in finished.values() for name in record["partition"]["inputs"]}
-    todo = [name for name in relative_inputs(source_uri, storage_options, fmt) if name not in done]
-    return make_partitions(todo, fmt, partition_size)
+         finished: dict[str, dict]) -> tuple[list[Partition], dict[str, int]]:
+    """Partitions still to do (inputs not covered by any finished partition), and the source
+    entries skipped by reason."""
+    done = finished_inputs(finished)
+    names, skipped = scan_inputs(source_uri, storage_options, fmt)
+    return make_partitions([name for name in names if name not in done], fmt, partition_size), skipped

@@ -97,12 +97,11 @@ class EmbedAndScore:
         return self.encoder.dim
 
 
-def _decode_batch(batch: dict[str, np.ndarray], root: str, options: dict, image_size: int, source: SourceConfig):
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, source: SourceConfig):
     from curation.pipeline.read import decode_partition
 
     (descriptor,) = batch["partition"]
-    return decode_partition(root, Partition.from_json(descriptor), options, image_size, source.max_pixels,
-                            source.id_column, source.image_column)
+    return decode_partition(Partition.from_json(descriptor), source, image_size)
 
 
 def check_no_deadlock(compute: ComputeConfig) -> None:
@@ -119,7 +118,7 @@ def check_no_deadlock(compute: ComputeConfig) -> None:
             "compute.actors or compute.cpus_per_actor (fractions are fine).")
 
 
-def stream(partitions: list[Partition], root: str, source: SourceConfig, model_cfg: ModelConfig,
+def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
            compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
            preprocess: tuple[int, tuple, tuple]) -> Iterator[dict[str, np.ndarray]]:
     """Decoded, embedded and scored rows of `partitions`, as numpy batches in completion order."""
@@ -134,7 +133,7 @@ def stream(partitions: list[Partition], root: str, source: SourceConfig, model_c
                                   override_num_blocks=max(len(partitions), 1))
     dataset = dataset.map_batches(
         _decode_batch, batch_size=1, num_cpus=compute.decode_cpus,
-        fn_kwargs={"root": root, "options": source.storage_options, "image_size": image_size, "source": source})
+        fn_kwargs={"image_size": image_size, "source": source})
     dataset = dataset.map_batches(
         EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
@@ -152,6 +151,14 @@ def submit(fn: Callable, *args, num_cpus: float = 0.25):
 
 
 def wait_all(refs: list) -> list:
+    """Results of Ray Tasks in order; a task that raised gives its exception instead, so one
+    failed task does not hide what the others finished."""
     import ray
 
-    return ray.get(refs)
+    results = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            results.append(err)
+    return results

@@ -9,7 +9,6 @@ parquet, the sample key for WebDataset shards.
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,33 +19,88 @@ from curation.pipeline.decode import DecodeError, decode_image
 from curation.pipeline.plan import IMAGE_EXTENSIONS, Partition
 
 
+# Kinds that say "try again later", not "this item is bad": a partition holding one is left
+# unfinished (no outputs, no manifest record), so the next run reads it again.
+UNAVAILABLE = "unavailable"
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+TAR_END = bytes(1024)  # two zero blocks close every complete tar archive
+
+
 @dataclass
 class RawItem:
-    """One input image before decoding: its id, where it came from, and its bytes or an error."""
+    """One input image before decoding: its id, where it came from, and its bytes or an error.
+    `whole_file` marks a row that stands for a whole parquet file or shard none (or not all) of
+    whose items could be read, so summaries count files apart from images."""
 
     id: str
     source: str
     data: bytes | None
     error: DecodeError | None = None
+    whole_file: bool = False
 
 
-def _missing(item_id: str, source: str, err: Exception) -> RawItem:
-    return RawItem(item_id, source, None, DecodeError("missing", f"{type(err).__name__}: {err}"))
+@dataclass(frozen=True)
+class ReadLimits:
+    """Byte and count limits and retry policy of one source (see SourceConfig)."""
+
+    max_item_bytes: int = 64 * 2**20
+    max_file_bytes: int = 2 * 2**30
+    max_members: int = 200_000
+    attempts: int = 5
+    backoff_s: float = 0.5
+
+    @classmethod
+    def of(cls, source) -> "ReadLimits":
+        return cls(source.max_item_bytes, source.max_file_bytes, source.max_members, source.read_attempts,
+                   source.retry_backoff_s)
 
 
-def iter_image_files(root: str, partition: Partition, options: dict) -> Iterator[RawItem]:
+def fetch(uri: str, options: dict, limits: ReadLimits, max_bytes: int) -> bytes | DecodeError:
+    """A file's bytes, or why not: `too_large` past `max_bytes` (never holding more than
+    max_bytes + 1), `missing` for a definite not-found, UNAVAILABLE when transient errors outlast
+    the retries."""
+    try:
+        data = storage.retry_transient(lambda: storage.read_bytes(uri, options, max_bytes),
+                                       limits.attempts, limits.backoff_s)
+    except storage.DEFINITE_ERRORS as err:
+        return DecodeError("missing", f"{type(err).__name__}: {err}")
+    except Exception as err:  # noqa: BLE001 - only transient errors are turned into values
+        if not storage.is_transient(err):
+            raise
+        return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {limits.attempts} attempts: {err}")
+    if len(data) > max_bytes:
+        return DecodeError("too_large", f"more than {max_bytes} bytes (source.max_item_bytes / max_file_bytes)")
+    return data
+
+
+def iter_image_files(root: str, partition: Partition, options: dict, limits: ReadLimits) -> Iterator[RawItem]:
     for name in partition.inputs:
         uri = storage.join(root, name)
-        try:
-            yield RawItem(name, uri, storage.read_bytes(uri, options))
-        except (FileNotFoundError, OSError) as err:
-            yield _missing(name, uri, err)
+        result = fetch(uri, options, limits, limits.max_item_bytes)
+        error = result if isinstance(result, DecodeError) else None
+        yield RawItem(name, uri, None if error else result, error)
 
 
 def read_parquet_table(uri: str, options: dict):
+    """A trusted parquet file of our own (scores/, failed/): read whole, errors raise."""
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
+
+
+def read_source_table(uri: str, options: dict, limits: ReadLimits):
+    """A source parquet file as a table, or a DecodeError for the whole file (too large, missing,
+    unavailable, or not parquet: a corrupt or partly uploaded file raises ArrowInvalid)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = fetch(uri, options, limits, limits.max_file_bytes)
+    if isinstance(data, DecodeError):
+        return data
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, ValueError, OSError) as err:
+        return DecodeError("corrupt", f"not a readable parquet file: {type(err).__name__}: {err}")
 
 
 def _cell_bytes(value) -> bytes | None:
@@ -62,22 +116,32 @@ def parquet_ids(table, name: str, id_column: str) -> list[str]:
     return [f"{name}#{row}" for row in range(table.num_rows)]
 
 
-def iter_parquet(root: str, partition: Partition, options: dict, id_column: str, image_column: str):
+def _cell_error(data: bytes | None, limits: ReadLimits) -> DecodeError | None:
+    if data is None:
+        return DecodeError("empty", "image cell is null")
+    if len(data) > limits.max_item_bytes:
+        return DecodeError("too_large", f"{len(data)} bytes > source.max_item_bytes {limits.max_item_bytes}")
+    return None
+
+
+def iter_parquet(root: str, partition: Partition, options: dict, id_column: str, image_column: str,
+                 limits: ReadLimits) -> Iterator[RawItem]:
     (name,) = partition.inputs
     uri = storage.join(root, name)
-    try:
-        table = read_parquet_table(uri, options)
-    except (FileNotFoundError, OSError) as err:
-        yield _missing(name, uri, err)
+    table = read_source_table(uri, options, limits)
+    if isinstance(table, DecodeError):
+        yield RawItem(name, uri, None, table, whole_file=True)
         return
+    ids = parquet_ids(table, name, id_column)
     if image_column not in table.column_names:
-        raise ValueError(f"source.image_column: {uri} has no column {image_column!r}; "
-                         f"columns: {table.column_names}")
-    for row, (item_id, cell) in enumerate(zip(parquet_ids(table, name, id_column),
-                                              table.column(image_column).to_pylist())):
+        error = DecodeError("no_image_column", f"source.image_column {image_column!r} is not a column of "
+                                               f"{uri}; columns: {table.column_names}")
+        yield from (RawItem(item_id, f"{uri}#{row}", None, error) for row, item_id in enumerate(ids))
+        return
+    for row, (item_id, cell) in enumerate(zip(ids, table.column(image_column).to_pylist())):
         data = _cell_bytes(cell)
-        error = None if data is not None else DecodeError("empty", "image cell is null")
-        yield RawItem(item_id, f"{uri}#{row}", data, error)
+        error = _cell_error(data, limits)
+        yield RawItem(item_id, f"{uri}#{row}", None if error else data, error)
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
@@ -87,15 +151,90 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), dot + ext
 
 
-def read_tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
-    """Shard bytes -> {key: {extension: member bytes}}, in shard order."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = sample_key(member.name)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+@dataclass
+class ShardEntry:
+    """One sample of a shard (`members`: extension -> bytes), or why it cannot be used.
+    Entries with `whole_file` stand for the shard itself (unreadable, truncated, too many members)."""
+
+    key: str
+    members: dict[str, bytes]
+    error: DecodeError | None = None
+    whole_file: bool = False
+    where: str = ""
+
+
+def _compression(data: bytes) -> str | None:
+    return next((name for magic, name in COMPRESSION_MAGIC.items() if data.startswith(magic)), None)
+
+
+def _member_kind(member) -> str:
+    return "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
+
+
+def _add_member(tar, member, entries: dict[str, ShardEntry], duplicates: list[ShardEntry],
+                limits: ReadLimits) -> None:
+    """Record one tar member into its sample, or fail the sample / record a duplicate, without
+    reading more than `limits.max_item_bytes` of it."""
+    import tarfile
+
+    key, ext = sample_key(member.name)
+    entry = entries.setdefault(key, ShardEntry(key, {}, where=member.name))
+    if entry.error is not None:
+        return
+    if not member.isfile():
+        entry.error = DecodeError("special_member", f"member {member.name!r} is a {_member_kind(member)}; "
+                                                    "only regular files are read")
+    elif ext in entry.members:
+        duplicates.append(ShardEntry(f"{key}#duplicate{len(duplicates) + 1}", {}, DecodeError(
+            "duplicate_member", f"member {member.name!r} appears again at byte {member.offset}; the first is used"),
+            where=f"{member.name}@{member.offset}"))
+    elif member.size > limits.max_item_bytes:
+        entry.error = DecodeError("too_large", f"member {member.name!r} has {member.size} bytes > "
+                                               f"source.max_item_bytes {limits.max_item_bytes}")
+    else:
+        try:
+            entry.members[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as err:
+            entry.error = DecodeError("truncated", f"member {member.name!r}: {type(err).__name__}: {err}")
+
+
+def read_shard(data: bytes, limits: ReadLimits) -> list[ShardEntry]:
+    """Shard bytes -> its samples in shard order, then recorded problems.
+
+    Plain (uncompressed) tar only: a compressed shard is refused as `unsupported` instead of
+    being inflated in memory (a 200 KB gzip can hold 200 MB). Only regular-file members are
+    read; each is size-checked from its header first. A shard cut short keeps the samples read
+    before the cut and adds a whole-file `truncated` entry.
+    """
+    import tarfile
+
+    compression = _compression(data)
+    if compression:
+        return [ShardEntry("", {}, DecodeError("unsupported", f"{compression}-compressed shard: compressed "
+                                               "WebDataset shards are not supported; decompress to a plain .tar"),
+                           whole_file=True)]
+    if data[:len(TAR_END)] == TAR_END:
+        return []  # an empty archive: only the end-of-archive marker
+    entries: dict[str, ShardEntry] = {}
+    duplicates: list[ShardEntry] = []
+    tail: list[ShardEntry] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for count, member in enumerate(tar):
+                if count >= limits.max_members:
+                    tail.append(ShardEntry("", {}, DecodeError("too_large", f"more than source.max_members "
+                                           f"{limits.max_members} members; the rest was not read"), whole_file=True))
+                    break
+                if not member.isdir():
+                    _add_member(tar, member, entries, duplicates, limits)
+            if not tail and data[tar.offset:tar.offset + len(TAR_END)] != TAR_END:
+                tail.append(ShardEntry("", {}, DecodeError("truncated", f"shard ends at byte {len(data)} without "
+                                       f"the end-of-archive marker after {len(entries)} samples; later samples "
+                                       "may be lost (partly uploaded?)"), whole_file=True))
+    except (tarfile.TarError, EOFError) as err:
+        tail.append(ShardEntry("", {}, DecodeError("corrupt" if not entries else "truncated",
+                                                   f"not a readable tar: {type(err).__name__}: {err}"), whole_file=True))
+    return list(entries.values()) + duplicates + tail
 
 
 def image_member(sample: dict[str, bytes]) -> bytes | None:
@@ -105,37 +244,47 @@ def image_member(sample: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def iter_webdataset(root: str, partition: Partition, options: dict) -> Iterator[RawItem]:
+def read_source_shard(uri: str, options: dict, limits: ReadLimits) -> list[ShardEntry]:
+    data = fetch(uri, options, limits, limits.max_file_bytes)
+    if isinstance(data, DecodeError):
+        return [ShardEntry("", {}, data, whole_file=True)]
+    return read_shard(data, limits)
+
+
+def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:
+    if entry.whole_file:
+        return RawItem(name, uri, None, entry.error, whole_file=True)
+    source = f"{uri}#{entry.key}"
+    data = None if entry.error else image_member(entry.members)
+    error = entry.error or (None if data is not None else
+                            DecodeError("no_image", f"sample has no image member: {list(entry.members)}"))
+    return RawItem(entry.key, source, data, error)
+
+
+def iter_webdataset(root: str, partition: Partition, options: dict, limits: ReadLimits) -> Iterator[RawItem]:
     (name,) = partition.inputs
     uri = storage.join(root, name)
-    try:
-        samples = read_tar_samples(storage.read_bytes(uri, options))
-    except (FileNotFoundError, OSError, tarfile.TarError) as err:
-        yield _missing(name, uri, err)
-        return
-    for key, sample in samples.items():
-        data = image_member(sample)
-        error = None if data is not None else DecodeError("no_image", f"sample has no image member: {list(sample)}")
-        yield RawItem(key, f"{uri}#{key}", data, error)
+    for entry in read_source_shard(uri, options, limits):
+        yield _shard_item(name, uri, entry)
 
 
-def iter_raw_items(root: str, partition: Partition, options: dict, id_column: str = "id",
-                   image_column: str = "image") -> Iterator[RawItem]:
+def iter_raw_items(partition: Partition, source) -> Iterator[RawItem]:
+    """The raw items of one partition of `source` (a SourceConfig: root, options, columns, limits)."""
+    root, options, limits = source.uri, source.storage_options, ReadLimits.of(source)
     if partition.format == "images":
-        return iter_image_files(root, partition, options)
+        return iter_image_files(root, partition, options, limits)
     if partition.format == "parquet":
-        return iter_parquet(root, partition, options, id_column, image_column)
-    return iter_webdataset(root, partition, options)
+        return iter_parquet(root, partition, options, source.id_column, source.image_column, limits)
+    return iter_webdataset(root, partition, options, limits)
 
 
-def decode_partition(root: str, partition: Partition, options: dict, image_size: int, max_pixels: int,
-                     id_column: str = "id", image_column: str = "image") -> dict[str, np.ndarray]:
+def decode_partition(partition: Partition, source, image_size: int) -> dict[str, np.ndarray]:
     """Read and decode a whole partition into columns; failed items get zero pixels and a reason."""
-    items = list(iter_raw_items(root, partition, options, id_column, image_column))
+    items = list(iter_raw_items(partition, source))
     pixels = np.zeros((len(items), image_size, image_size, 3), np.uint8)
     kinds, messages = [], []
     for i, item in enumerate(items):
-        result = item.error or decode_image(item.data, image_size, max_pixels)
+        result = item.error or decode_image(item.data, image_size, source.max_pixels)
         if isinstance(result, DecodeError):
             kinds.append(result.kind)
             messages.append(result.message)
@@ -151,5 +300,6 @@ def decode_partition(root: str, partition: Partition, options: dict, image_size:
         "source": np.array([item.source for item in items], dtype=object),
         "error_kind": np.array(kinds, dtype=object),
         "error_message": np.array(messages, dtype=object),
+        "whole_file": np.array([item.whole_file for item in items], dtype=bool),
         "pixels": pixels,
     }

@@ -14,7 +14,8 @@ import numpy as np
 
 from curation import storage
 from curation.pipeline.plan import Partition, RunDirectory
-from curation.pipeline.read import read_parquet_table, read_tar_samples, sample_key
+from curation.pipeline.decode import DecodeError
+from curation.pipeline.read import UNAVAILABLE, ReadLimits, fetch, read_source_shard, read_source_table
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
 
@@ -36,15 +37,29 @@ def _write_table(run: RunDirectory, table, *parts: str) -> None:
     storage.write_bytes(run.path(*parts), _parquet_bytes(table), run.options)
 
 
-def _split_images(run: RunDirectory, root: str, options: dict, results: dict) -> None:
+class SourceUnavailableError(OSError):
+    """A source file could not be read again for kept/ and removed/ (transient errors outlasted
+    the retries): the partition stays unfinished and the next run redoes it."""
+
+
+def _readable(result, uri: str):
+    if isinstance(result, DecodeError):
+        raise SourceUnavailableError(f"{uri}: {result.kind}: {result.message}")
+    return result
+
+
+def _split_images(run: RunDirectory, source, results: dict) -> None:
+    limits = ReadLimits.of(source)
     for item_id, decision in zip(results["id"], results["decision"]):
         if decision in (KEEP, REMOVE):
-            data = storage.read_bytes(storage.join(root, item_id), options)
+            uri = storage.join(source.uri, item_id)
+            data = _readable(fetch(uri, source.storage_options, limits, limits.max_item_bytes), uri)
             storage.write_bytes(run.path("kept" if decision == KEEP else "removed", item_id), data, run.options)
 
 
-def _split_parquet(run: RunDirectory, root: str, options: dict, name: str, decisions: np.ndarray) -> None:
-    table = read_parquet_table(storage.join(root, name), options)
+def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) -> None:
+    uri = storage.join(source.uri, name)
+    table = _readable(read_source_table(uri, source.storage_options, ReadLimits.of(source)), uri)
     for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
         _write_table(run, table.filter(decisions == wanted), folder, name)
 
@@ -60,11 +75,15 @@ def _tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
     return sink.getvalue()
 
 
-def _split_webdataset(run: RunDirectory, root: str, options: dict, name: str, results: dict) -> None:
-    samples = read_tar_samples(storage.read_bytes(storage.join(root, name), options))
+def _split_webdataset(run: RunDirectory, source, name: str, results: dict) -> None:
+    """kept/ and removed/ shards hold the decided samples, every member of each, in shard order."""
+    uri = storage.join(source.uri, name)
+    entries = read_source_shard(uri, source.storage_options, ReadLimits.of(source))
+    if any(entry.whole_file and entry.error.kind == UNAVAILABLE for entry in entries):
+        raise SourceUnavailableError(f"{uri}: could not be read again")
     decision_of = dict(zip(results["id"], results["decision"]))
     for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
-        chosen = {key: members for key, members in samples.items() if decision_of.get(key) == wanted}
+        chosen = {e.key: e.members for e in entries if not e.whole_file and decision_of.get(e.key) == wanted}
         storage.write_bytes(run.path(folder, name), _tar_bytes(chosen), run.options)
 
 
@@ -95,39 +114,64 @@ def _failed_table(results: dict):
 
     bad = results["error_kind"] != ""
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("position", pa.int64()),
-                        ("error_kind", pa.string()), ("message", pa.string())])
+                        ("error_kind", pa.string()), ("message", pa.string()), ("whole_file", pa.bool_())])
     return pa.table({"id": results["id"][bad].tolist(), "source": results["source"][bad].tolist(),
                      "position": results["position"][bad].astype(np.int64),
                      "error_kind": results["error_kind"][bad].tolist(),
-                     "message": results["error_message"][bad].tolist()}, schema=schema)
+                     "message": results["error_message"][bad].tolist(),
+                     "whole_file": results["whole_file"][bad].astype(bool)}, schema=schema)
 
 
-def partition_counts(results: dict, detector_names: list[str]) -> dict:
-    fired = results["fired"]
+def partition_counts(partition: Partition, results: dict, detector_names: list[str]) -> dict:
+    """Items and files: a whole-file failure row stands for a file, not for one image."""
+    fired, whole = results["fired"], results["whole_file"].astype(bool)
     return {
-        "items": int(len(results["id"])),
+        "files": len(partition.inputs),
+        "failed_files": int(whole.sum()),
+        "items": int((~whole).sum()),
         "kept": int((results["decision"] == KEEP).sum()),
         "removed": int((results["decision"] == REMOVE).sum()),
-        "failed": int((results["error_kind"] != "").sum()),
+        "failed": int(((results["error_kind"] != "") & ~whole).sum()),
         "fired": {name: int(sum(name in fired_list(f) for f in fired)) for name in detector_names},
     }
 
 
-def write_partition(run: RunDirectory, partition: Partition, results: dict, source_root: str,
-                    source_options: dict, detector_names: list[str], store_embeddings: bool) -> dict:
-    """Write every output of `partition`; `results` are columns sorted by `position`."""
+def unavailable(results: dict) -> str | None:
+    """Why a partition cannot be finished now (a transient read error), or None."""
+    transient = results["error_kind"] == UNAVAILABLE
+    return f"{int(transient.sum())} items unavailable, e.g. {results['error_message'][transient][0]}" \
+        if transient.any() else None
+
+
+def write_partition(run: RunDirectory, partition: Partition, results: dict, source, detector_names: list[str],
+                    store_embeddings: bool) -> dict:
+    """Write every output of `partition` (`results` are its columns, any order) and its manifest
+    record last. A partition with items that were only transiently unreadable is not written at
+    all: it returns {"unfinished": reason} and the next run redoes it."""
     order = np.argsort(results["position"], kind="stable")
     results = {key: np.asarray(value)[order] for key, value in results.items()}
+    reason = unavailable(results)
+    if reason is None:
+        try:
+            _write_outputs(run, partition, results, source, detector_names, store_embeddings)
+        except SourceUnavailableError as err:
+            reason = str(err)
+    if reason is not None:
+        return {"unfinished": reason, "partition": partition.id}
+    counts = partition_counts(partition, results, detector_names)
+    run.finish(partition, counts)
+    return counts
+
+
+def _write_outputs(run: RunDirectory, partition: Partition, results: dict, source, detector_names: list[str],
+                   store_embeddings: bool) -> None:
     if partition.format == "images":
-        _split_images(run, source_root, source_options, results)
+        _split_images(run, source, results)
     elif not (results["decision"] != FAILED).any():
         pass  # nothing decoded (empty or unreadable file): failed/ records why
     elif partition.format == "parquet":
-        _split_parquet(run, source_root, source_options, partition.inputs[0], results["decision"])
+        _split_parquet(run, source, partition.inputs[0], results["decision"])
     elif partition.format == "webdataset":
-        _split_webdataset(run, source_root, source_options, partition.inputs[0], results)
+        _split_webdataset(run, source, partition.inputs[0], results)
     _write_table(run, _scores_table(results, detector_names, store_embeddings), "scores", f"{partition.id}.parquet")
     _write_table(run, _failed_table(results), "failed", f"{partition.id}.parquet")
-    counts = partition_counts(results, detector_names)
-    run.finish(partition, counts)
-    return counts

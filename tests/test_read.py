@@ -1,0 +1,171 @@
+"""Readers against hostile inputs, without Ray: every item is read, recorded as a failure with a
+stable kind, or (transient errors) marked unavailable so its partition is redone later."""
+
+import errno
+import os
+
+import pytest
+
+from curation import storage
+from curation.config import SourceConfig
+from curation.pipeline.plan import Partition, scan_inputs
+from curation.pipeline.read import UNAVAILABLE, ReadLimits, decode_partition, iter_raw_items
+import hostile
+
+
+def items_of(root, name, fmt, **source_fields):
+    source = SourceConfig(uri=str(root), format=fmt, **source_fields)
+    return list(iter_raw_items(Partition("p", fmt, (name,)), source))
+
+
+def kinds(items):
+    return [(item.id, item.error.kind if item.error else "", item.whole_file) for item in items]
+
+
+def test_corrupt_parquet_is_one_failed_row_for_the_file(tmp_path):
+    expected = hostile.write_corrupt_parquet(tmp_path / "bad.parquet", 5, seed=1)
+    items = items_of(tmp_path, "bad.parquet", "parquet")
+    assert kinds(items) == [("bad.parquet", "corrupt", True)] and expected["failed_files"] == 1
+    assert "ArrowInvalid" in items[0].error.message or "parquet" in items[0].error.message
+
+
+def test_parquet_without_the_image_column_fails_each_row_with_the_columns_named(tmp_path):
+    hostile.write_wrong_column_parquet(tmp_path / "wrong.parquet", 4, seed=2)
+    items = items_of(tmp_path, "wrong.parquet", "parquet")
+    assert [k for _, k, _ in kinds(items)] == ["no_image_column"] * 4
+    assert [item.id for item in items] == [f"p2-{i}" for i in range(4)]
+    assert "'jpg'" in items[0].error.message
+
+
+def test_parquet_cell_and_file_byte_limits(tmp_path):
+    hostile.write_good_parquet(tmp_path / "ok.parquet", 3, seed=3)
+    cells = items_of(tmp_path, "ok.parquet", "parquet", max_item_bytes=10)
+    assert [k for _, k, _ in kinds(cells)] == ["too_large"] * 3
+    whole = items_of(tmp_path, "ok.parquet", "parquet", max_file_bytes=100)
+    assert kinds(whole) == [("ok.parquet", "too_large", True)]
+
+
+def test_truncated_shard_keeps_the_samples_before_the_cut(tmp_path):
+    hostile.write_truncated_shard(tmp_path / "cut.tar", 4, seed=4)
+    found = kinds(items_of(tmp_path, "cut.tar", "webdataset"))
+    assert found[:3] == [(f"s{i:04d}", "", False) for i in range(3)]
+    assert found[3] == ("s0003", "truncated", False)
+    assert found[4] == ("cut.tar", "truncated", True) and len(found) == 5
+
+
+def test_compressed_shard_is_refused_without_inflating_it(tmp_path):
+    hostile.write_gzip_bomb_shard(tmp_path / "bomb.tar", megabytes=50)
+    assert os.path.getsize(tmp_path / "bomb.tar") < 200_000
+    (item,) = items_of(tmp_path, "bomb.tar", "webdataset")
+    assert (item.error.kind, item.whole_file) == ("unsupported", True) and "gzip" in item.error.message
+
+
+def test_shard_member_and_count_limits(tmp_path):
+    hostile.write_good_shard(tmp_path / "ok.tar", 3, seed=5)
+    members = kinds(items_of(tmp_path, "ok.tar", "webdataset", max_item_bytes=100))
+    assert [k for _, k, _ in members] == ["too_large"] * 3
+    counted = kinds(items_of(tmp_path, "ok.tar", "webdataset", max_members=4))
+    assert counted == [("s0000", "", False), ("s0001", "", False), ("ok.tar", "too_large", True)]
+    whole = kinds(items_of(tmp_path, "ok.tar", "webdataset", max_file_bytes=1000))
+    assert whole == [("ok.tar", "too_large", True)]
+
+
+def test_duplicate_member_is_recorded_and_the_first_is_used(tmp_path):
+    hostile.write_duplicate_shard(tmp_path / "dup.tar", 3, seed=6)
+    items = items_of(tmp_path, "dup.tar", "webdataset")
+    assert kinds(items) == [("s0000", "", False), ("s0001", "", False), ("s0002", "", False),
+                            ("s0000#duplicate1", "duplicate_member", False)]
+    assert items[0].data == hostile.jpeg_bytes(6000)
+
+
+def test_links_and_special_members_are_never_read(tmp_path):
+    hostile.write_link_shard(tmp_path / "links.tar", 2, seed=7)
+    found = kinds(items_of(tmp_path, "links.tar", "webdataset"))
+    assert found == [("s0000", "", False), ("s0001", "", False), ("zero", "special_member", False),
+                     ("pipe", "special_member", False)]
+
+
+def test_empty_and_non_tar_files(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(hostile.tar_bytes([]))
+    (tmp_path / "html.tar").write_bytes(b"<html>not a tar</html>" * 40)
+    assert items_of(tmp_path, "empty.tar", "webdataset") == []
+    assert kinds(items_of(tmp_path, "html.tar", "webdataset")) == [("html.tar", "corrupt", True)]
+
+
+def test_local_listing_skips_links_and_special_files_and_counts_them(tmp_path):
+    hostile.write_good_shard(tmp_path / "real.tar", 1, seed=8)
+    os.symlink("/dev/zero", tmp_path / "zero.tar")
+    os.symlink(tmp_path, tmp_path / "loop")  # a folder link back up: must not be walked
+    os.mkfifo(tmp_path / "pipe.tar")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "shard.tar.gz").write_bytes(b"x")
+    names, skipped = scan_inputs(str(tmp_path), {}, "webdataset")
+    assert names == ["real.tar"]
+    assert skipped == {"link": 2, "special_file": 1, "extension .txt": 1, "extension .gz": 1}
+
+
+def test_s3_keys_that_would_collide_on_output_are_skipped_and_counted():
+    from s3server import make_bucket, moto_s3
+
+    with moto_s3() as s3:
+        make_bucket(s3, "keys")
+        for key in ("a/b.jpg", "a//b.jpg", "a/./b.jpg", "c.jpg"):
+            storage.write_bytes(f"s3://keys/src/{key}", b"x", s3)
+        names, skipped = scan_inputs("s3://keys/src", s3, "images")
+    assert names == ["a/b.jpg", "c.jpg"] and skipped == {"unsafe_name": 2}
+
+
+def _flaky(monkeypatch, failures: int, error: Exception):
+    calls = {"n": 0}
+    real = storage.read_bytes
+
+    def read_bytes(uri, options=None, max_bytes=None):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise error
+        return real(uri, options, max_bytes)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    return calls
+
+
+def test_transient_errors_are_retried_with_backoff(tmp_path, monkeypatch):
+    hostile.write_good_shard(tmp_path / "ok.tar", 2, seed=9)
+    calls = _flaky(monkeypatch, 2, OSError(errno.EBUSY, "SlowDown"))  # what s3fs raises for a 503
+    assert kinds(items_of(tmp_path, "ok.tar", "webdataset", retry_backoff_s=0.01)) == [
+        ("s0000", "", False), ("s0001", "", False)]
+    assert calls["n"] == 3
+
+
+def test_transient_errors_that_outlast_the_retries_leave_the_item_unavailable(tmp_path, monkeypatch):
+    hostile.write_good_parquet(tmp_path / "ok.parquet", 2, seed=10)
+    calls = _flaky(monkeypatch, 100, OSError(errno.EBUSY, "SlowDown"))
+    (item,) = items_of(tmp_path, "ok.parquet", "parquet", read_attempts=3, retry_backoff_s=0.01)
+    assert (item.error.kind, item.whole_file, calls["n"]) == (UNAVAILABLE, True, 3)
+
+
+def test_definite_answers_are_final_at_once(tmp_path, monkeypatch):
+    calls = _flaky(monkeypatch, 100, FileNotFoundError("gone"))
+    (item,) = items_of(tmp_path, "gone.jpg", "images", retry_backoff_s=0.01)
+    assert (item.error.kind, calls["n"]) == ("missing", 1)
+
+
+def test_unavailable_partition_is_not_written(tmp_path, monkeypatch):
+    """A partition with a transiently unreadable item writes nothing: no outputs, no manifest."""
+    import numpy as np
+
+    from curation.pipeline.plan import RunDirectory
+    from curation.pipeline.write import write_partition
+
+    (tmp_path / "src").mkdir()
+    hostile.write_good_parquet(tmp_path / "src" / "ok.parquet", 2, seed=11)
+    source = SourceConfig(uri=str(tmp_path / "src"), format="parquet", read_attempts=2, retry_backoff_s=0.01)
+    partition = Partition("p1", "parquet", ("ok.parquet",))
+    _flaky(monkeypatch, 100, TimeoutError("read timed out"))
+    columns = decode_partition(partition, source, 16)
+    columns |= {"decision": np.array(["failed"], object), "fired": np.array([""], object),
+                "embedding": np.zeros((1, 4), np.float32), "score_x": np.array([np.nan], np.float32)}
+    run = RunDirectory(str(tmp_path / "out"), "r")
+    result = write_partition(run, partition, columns, source, ["x"], True)
+    assert result["partition"] == "p1" and "unavailable" in result["unfinished"]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,79 @@
+"""Workflow guards: quantile calibration needs enough images; the detector cache is content-keyed
+and checked before reuse."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from curation import workflow
+from curation.detectors.base import ARTIFACT_JSON, ARTIFACT_TENSORS, detector_from_files
+from images import write_rgb_images
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def test_quantile_threshold_is_not_calibrated_on_a_tiny_sample(make_config, tmp_path):
+    source = tmp_path / "images"
+    write_rgb_images(source / "a", 3, seed=11)
+    quantile = "detectors.0.threshold={strategy: quantile, value: 0.3, sample_size: 64, min_sample: 5}"
+    cfg = make_config(str(source), quantile, detectors=("mcm",))
+    with pytest.raises(workflow.CalibrationError, match=r"at least 5 decodable images .* found 3 .*min_sample"):
+        workflow.curate(cfg)
+    stored = tmp_path / "out" / "test" / "_thresholds.json"
+    assert "mcm" not in (json.loads(stored.read_text()) if stored.exists() else {})
+
+    write_rgb_images(source / "b", 4, seed=12)
+    summary = workflow.curate(cfg)
+    assert summary["thresholds"]["mcm"]["sample"] == 7 and summary["this_run"]["items"] == 7
+    assert json.loads(stored.read_text())["mcm"] == summary["thresholds"]["mcm"]
+
+
+def test_corpus_edited_in_place_is_refitted(make_config, tmp_path):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("car\ntree\nhouse\nriver\ncloud\n")
+    cfg = make_config(str(tmp_path / "unused"), f"cache_dir={tmp_path / 'cache'}", f"detectors.0.corpus={corpus}",
+                      detectors=("hftt",))
+    key = workflow.detector_key(cfg.model, cfg.detectors[0])
+    assert workflow.fitted_detectors(cfg)[1] == {"hftt": False}
+    assert workflow.fitted_detectors(cfg)[1] == {"hftt": True}
+
+    corpus.write_text("car\ntree\nhouse\nriver\nboat\n")  # same path, new words
+    assert workflow.detector_key(cfg.model, cfg.detectors[0]) != key
+    artifacts, reused = workflow.fitted_detectors(cfg)
+    assert reused == {"hftt": False}
+    assert json.loads(artifacts[0][ARTIFACT_JSON])["provenance"]["corpus"]["size"] == 5
+
+
+def _rewrite_identity(entry: Path) -> None:
+    """A well-formed entry with consistent checksums, but fitted for another model."""
+    meta = json.loads((entry / ARTIFACT_JSON).read_text())
+    meta["model_identity"] = "ViT-B-16/openai"
+    workflow._cache_artifact(entry, {ARTIFACT_JSON: json.dumps(meta).encode(),
+                                     ARTIFACT_TENSORS: (entry / ARTIFACT_TENSORS).read_bytes()})
+
+
+DAMAGE = {
+    "truncated tensors": lambda entry: (entry / ARTIFACT_TENSORS).write_bytes((entry / ARTIFACT_TENSORS).read_bytes()[:40]),
+    "garbage detector.json": lambda entry: (entry / ARTIFACT_JSON).write_text("{not json"),
+    "no completion record": lambda entry: (entry / workflow.CACHE_RECORD).unlink(),
+    "another model": _rewrite_identity,
+}
+
+
+def test_damaged_cache_entries_are_refitted_not_used(make_config, tmp_path, caplog):
+    cfg = make_config(str(tmp_path / "unused"), f"cache_dir={tmp_path / 'cache'}", detectors=("mcm",))
+    entry = tmp_path / "cache" / "detectors" / workflow.detector_key(cfg.model, cfg.detectors[0])
+    good, reused = workflow.fitted_detectors(cfg)
+    assert reused == {"mcm": False} and sorted(good[0]) == [ARTIFACT_JSON, ARTIFACT_TENSORS]
+    for what, damage in DAMAGE.items():
+        damage(entry)
+        with caplog.at_level(logging.WARNING, logger="curation"):
+            artifacts, reused = workflow.fitted_detectors(cfg)
+        assert reused == {"mcm": False}, what
+        assert "refitting" in caplog.text, what
+        caplog.clear()
+        detector_from_files(artifacts[0], "tiny-clip/random-seed0")  # a usable artifact came back
+        assert artifacts[0][ARTIFACT_TENSORS] == good[0][ARTIFACT_TENSORS], what
+    assert workflow.fitted_detectors(cfg)[1] == {"mcm": True}, "the refit repaired the cache entry"
