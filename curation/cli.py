@@ -95,10 +95,25 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(workflow.train(cfg), indent=2, default=str))
         else:
             print(json.dumps(workflow.evaluate(cfg), indent=2))
+    except _explained_errors() as err:
+        print(f"curation {args.command}: {type(err).__name__}: {secrets.redact_text(str(err))}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - printed like Python would, minus any credentials
         print(secrets.redact_text("".join(traceback.format_exception(err))), file=sys.stderr)
         return 1
     return 0
+
+
+def _explained_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what happened and what to do: one line, no traceback."""
+    from curation.pipeline.lease import RunLockedError
+    from curation.pipeline.plan import OutputConflictError
+    from curation.storage import StorageUnreachableError
+    from curation.tracking import TrackingUnreachableError
+    from curation.workflow import CalibrationError, JobPathError, NoInputsError
+
+    return (RunLockedError, OutputConflictError, StorageUnreachableError, TrackingUnreachableError,
+            CalibrationError, JobPathError, NoInputsError)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ def is_local(uri: str) -> bool:
     return _check_scheme(uri) in LOCAL_SCHEMES
 
 
+def is_relative(uri: str) -> bool:
+    """A local path that depends on the current directory (`./out`, `demo/data`, `file://out`)."""
+    return is_local(uri) and not os.path.isabs(os.path.expanduser(_strip_scheme(uri)))
+
+
 def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(_strip_scheme(uri)))
 

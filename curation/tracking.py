@@ -47,11 +47,24 @@ _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed param/metric na
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """None or "" -> `sqlite:///<absolute cwd>/mlflow.db`, MLflow's own default store, which
-    `mlflow ui --backend-store-uri <that uri>` reads; anything else is passed through."""
+    """None or "" -> $MLFLOW_TRACKING_URI when set, else `sqlite:///<absolute cwd>/mlflow.db`,
+    MLflow's own default store, which `mlflow ui --backend-store-uri <that uri>` reads; anything
+    else is passed through."""
     if not uri:
-        return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+        return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
     return uri
+
+
+def has_explicit_store(uri: str | None) -> bool:
+    """Whether the tracking store is independent of the current directory: a server, or a local
+    store given by an absolute path (`sqlite:////abs/mlflow.db`), from the config or
+    $MLFLOW_TRACKING_URI."""
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not resolved:
+        return False
+    if resolved.startswith("sqlite:///"):
+        return resolved[len("sqlite:///"):].startswith("/")
+    return "://" in resolved or os.path.isabs(resolved)
 
 
 class TrackingUnreachableError(RuntimeError):

@@ -245,6 +245,35 @@ def _tpr_thresholds(cfg: RunConfig, detectors: list[DetectorConfig], artifacts) 
 
 
 # -- curate ------------------------------------------------------------------------------------
+class NoInputsError(FileNotFoundError):
+    """A first run found nothing to curate: a wrong URI or format, not a success."""
+
+
+class JobPathError(ValueError):
+    """A path that would resolve inside a Ray job's temporary working directory."""
+
+
+def check_paths_for_ray_job(cfg: RunConfig) -> None:
+    """Inside `ray job submit`, the entrypoint's working directory is a per-session copy under
+    /tmp/ray/session_*/runtime_resources/ that vanishes with the session (and holds only what git
+    does not ignore): relative local paths and the cwd-relative default MLflow store would read
+    nothing or write where nobody finds it. Refuse them, naming the fix."""
+    if not ray_data.in_ray_job():
+        return
+    paths = {"source.uri": cfg.source.uri, "output.uri": cfg.output.uri, "cache_dir": cfg.cache_dir,
+             "evaluation.wanted_uri": cfg.evaluation.wanted_uri, "evaluation.unwanted_uri": cfg.evaluation.unwanted_uri}
+    relative = [f"{name}={value!r}" for name, value in paths.items() if value and storage.is_relative(value)]
+    if relative:
+        raise JobPathError(f"inside a Ray job, relative paths resolve in the job's temporary working directory: "
+                           f"{', '.join(relative)}. Use absolute paths on storage every node shares, or s3:// URIs.")
+    if not tracking.has_explicit_store(cfg.tracking.uri):
+        store = secrets.redact_text(cfg.tracking.uri or "the default MLflow store sqlite:///<cwd>/mlflow.db")
+        raise JobPathError(f"inside a Ray job, {store} would land in the job's temporary working directory: "
+                           "set tracking.uri to an MLflow server or an absolute "
+                           "sqlite:////path, or export MLFLOW_TRACKING_URI (e.g. ray job submit "
+                           "--runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": ...}}').")
+
+
 def check_output_outside_source(source_uri: str, output_uri: str) -> None:
     """The source listing is recursive: an output inside the source would be curated by the next run."""
     if storage.is_within(output_uri, source_uri):
@@ -319,6 +348,7 @@ def curate(cfg: RunConfig) -> dict:
     """The main job: fit (or reuse) detectors, decide thresholds, stream, write, track; under a
     lease on the run directory, so overlapping runs cannot corrupt each other."""
     started = time.perf_counter()
+    check_paths_for_ray_job(cfg)
     tracking.check_reachable(cfg.tracking.uri)
     check_output_outside_source(cfg.source.uri, cfg.output.uri)
     storage.check_reachable(cfg.source.uri, cfg.source.storage_options)
@@ -331,11 +361,14 @@ def curate(cfg: RunConfig) -> dict:
 
 def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: float) -> dict:
     timings = {}
-    run.claim(cfg.decision_hash(), _loggable(cfg))
     finished = run.manifest()
-    run.remove_unfinished_outputs(finished)
     partitions, skipped = plan(cfg.source.uri, cfg.source.storage_options, cfg.source.format,
                                cfg.source.partition_size, finished)
+    if not partitions and not finished:
+        raise NoInputsError(f"source.uri {secrets.redact_text(cfg.source.uri)!r} holds no {cfg.source.format} inputs "
+                            f"(skipped: {skipped or 'nothing'}); check source.uri and source.format")
+    run.claim(cfg.decision_hash(), _loggable(cfg))
+    run.remove_unfinished_outputs(finished)
     log.info("%d partitions to do, %d already finished", len(partitions), len(finished))
     if skipped:
         log.warning("source entries skipped (not inputs of format %r): %s", cfg.source.format, skipped)

@@ -164,3 +164,33 @@ def test_throttled_reads_leave_their_partition_for_the_next_run(make_config, tmp
         second = workflow.curate(cfg)
         assert second["this_run"]["items"] == 2 and not second["unfinished"]
         assert second["total"]["items"] == 6 and second["total"]["partitions"] == 3
+
+
+def test_a_first_run_over_an_empty_source_is_an_error(make_config, tmp_path):
+    from curation.workflow import NoInputsError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(NoInputsError, match=r"holds no images inputs \(skipped: \{'extension .txt': 1\}\)"):
+        workflow.curate(make_config(str(tmp_path / "empty")))
+    assert not (tmp_path / "out" / "test" / "_config.json").exists()
+
+
+@pytest.mark.parametrize("override, named", [
+    ("source.uri=demo/data/images", "source.uri='demo/data/images'"),
+    ("output.uri=./out", "output.uri='./out'"),
+    ("tracking.uri=null", "default MLflow store"),
+    ("tracking.uri=sqlite:///mlflow.db", "sqlite:///mlflow.db would land"),
+])
+def test_relative_paths_are_refused_inside_a_ray_job(override, named, make_config, tmp_path, monkeypatch):
+    from curation.workflow import JobPathError
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` gives its entrypoint
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_config(str(tmp_path / "images"), override)
+    with pytest.raises(JobPathError) as err:
+        workflow.curate(cfg)
+    assert named in str(err.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    if override == "tracking.uri=null":
+        workflow.check_paths_for_ray_job(cfg)  # an absolute store from the environment is fine

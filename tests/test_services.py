@@ -178,6 +178,13 @@ def test_ray_job_submit_runs_the_job_on_a_head_node(tmp_path, shared_cache):
         summary = json.loads((tmp_path / "out" / "submitted" / "summary.json").read_text())
         assert summary["this_run"]["items"] == 6
         assert pq.read_table(tmp_path / "out" / "submitted" / "scores").num_rows == 6
+
+        # as a new user first tried: the demo config's relative source, output and default MLflow
+        # store would resolve inside the job's temporary working directory; refused, not "succeeded"
+        naive = submit[:submit.index("--config") + 2]
+        refused = subprocess.run(naive, env=env, capture_output=True, text=True, timeout=900)
+        assert refused.returncode != 0 and "succeeded" not in refused.stdout
+        assert "relative paths resolve in the job's temporary working directory" in refused.stdout + refused.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

@@ -30,6 +30,12 @@ def init_ray(address: str | None = None) -> None:
              include_dashboard=False if address == "local" else None)
 
 
+def in_ray_job() -> bool:
+    """Whether this process is the entrypoint of `ray job submit` (the job supervisor sets this
+    variable for the driver it starts)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def cluster_gpus() -> float:
     import ray
 
