@@ -107,11 +107,14 @@ def _check_sample_run(uri: str, run_id: str, tmp_path: Path) -> None:
 # -- pure helpers ---------------------------------------------------------------------------------
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     expected = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert resolve_tracking_uri(None) == resolve_tracking_uri("") == expected
     assert expected.startswith("sqlite:////")  # absolute path: four slashes
     for uri in ("http://mlflow:5000", "sqlite:///rel.db", "file:/tmp/mlruns"):
         assert resolve_tracking_uri(uri) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert resolve_tracking_uri(None) == "http://from-env:5000" and resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_flatten_dots_nested_keys_and_json_encodes_lists():
