@@ -194,3 +194,28 @@ def test_relative_paths_are_refused_inside_a_ray_job(override, named, make_confi
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     if override == "tracking.uri=null":
         workflow.check_paths_for_ray_job(cfg)  # an absolute store from the environment is fine
+
+
+def test_detector_artifacts_reach_actors_through_the_object_store(make_config, tmp_path, monkeypatch, caplog):
+    """Artifacts are put once, not captured in the actor constructor: no oversized-UDF warning
+    whatever their size (here the warning limit is lowered to 1 MiB and the artifact is 2 MiB)."""
+    import logging
+
+    import numpy as np
+    from ray.data._internal.execution.operators.map_operator import MapOperator
+
+    from curation.pipeline import ray_data
+
+    source = tmp_path / "images"
+    write_rgb_images(source, 3)
+    cfg = make_config(str(source), detectors=("mcm",))
+    artifacts, _ = workflow.fitted_detectors(cfg)
+    padded = [files | {"padding.bin": np.random.default_rng(0).bytes(2 * 2**20)} for files in artifacts]
+    monkeypatch.setattr(MapOperator, "MAP_UDF_WARN_SIZE_THRESHOLD", 2**20)
+    partitions = workflow.make_partitions(sorted(p.name for p in source.iterdir()), "images", 8)
+    monkeypatch.setattr(logging.getLogger("ray.data"), "handlers", [caplog.handler])  # it does not propagate
+    with caplog.at_level(logging.WARNING):
+        batches = list(ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, padded, {"mcm": 0.5},
+                                       workflow.preprocess_of(cfg)))
+    assert sum(len(b["id"]) for b in batches) == 3
+    assert not [r for r in caplog.records if "too large" in r.getMessage()]

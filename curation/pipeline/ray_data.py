@@ -75,8 +75,12 @@ def _encode_shard(model_cfg: ModelConfig, texts: list[str]) -> np.ndarray:
 class EmbedAndScore:
     """Ray Data callable class: one model and all detectors per actor, reused for every batch."""
 
-    def __init__(self, model_cfg: ModelConfig, detector_files: list[dict], thresholds: dict[str, float],
+    def __init__(self, model_cfg: ModelConfig, detector_files, thresholds: dict[str, float],
                  mean: tuple, std: tuple, torch_threads: int | None = None):
+        """`detector_files`: an ObjectRef of the artifacts (list of {file name: bytes}), put once by
+        the driver; inside the constructor's arguments they would make the UDF as large as the
+        artifacts (NegLabel's ~70k negatives: 100+ MB), shipped with every actor."""
+        import ray
         import torch
 
         from curation.detectors.base import detector_from_files
@@ -84,7 +88,7 @@ class EmbedAndScore:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.encoder = _worker_model(model_cfg)
-        self.detectors = [detector_from_files(files, self.encoder.identity) for files in detector_files]
+        self.detectors = [detector_from_files(files, self.encoder.identity) for files in ray.get(detector_files)]
         self.thresholds, self.mean, self.std = thresholds, mean, std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -143,7 +147,7 @@ def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelCo
     dataset = dataset.map_batches(
         EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
-        fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": detector_files,
+        fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": ray.put(detector_files),
                                "thresholds": thresholds, "mean": mean, "std": std,
                                "torch_threads": compute.torch_threads})
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
