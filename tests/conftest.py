@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests name their stores; `tracking.uri: null` honours this
 if "CURATION_CACHE" not in os.environ:  # generated configs and caches stay out of ~/.cache
     import tempfile
 

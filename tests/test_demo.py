@@ -69,6 +69,7 @@ def test_curation_demo_curates_each_format_and_removes_what_the_tasks_describe(t
     assert rate("off-domain", "removed") >= 0.70
     assert rate("weapon", "removed") >= 0.80
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["curation-demo"])
-    assert sorted(runs["tags.mlflow.runName"]) == [f"demo-{fmt}" for fmt in sorted(FORMATS)]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # no global tracking URI for later tests
+    experiment = client.get_experiment_by_name("curation-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"demo-{fmt}" for fmt in sorted(FORMATS)]
