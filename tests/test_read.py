@@ -4,12 +4,11 @@ stable kind, or (transient errors) marked unavailable so its partition is redone
 import errno
 import os
 
-import pytest
 
 from curation import storage
 from curation.config import SourceConfig
 from curation.pipeline.plan import Partition, scan_inputs
-from curation.pipeline.read import UNAVAILABLE, ReadLimits, decode_partition, iter_raw_items
+from curation.pipeline.read import UNAVAILABLE, decode_partition, iter_raw_items
 import hostile
 
 
