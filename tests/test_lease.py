@@ -87,3 +87,20 @@ def test_heartbeat_renews_and_notices_a_takeover(tmp_path):
         time.sleep(0.35)
         assert lease.lost
     assert json.loads(storage.read_bytes(run.path("_lease.json")))["host"] == "elsewhere", "not released over"
+
+
+def test_a_failed_renewal_is_retried_not_fatal(tmp_path, monkeypatch):
+    run = RunDirectory(str(tmp_path), "r")
+    real, calls = storage.compare_and_swap, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first renewal: a storage hiccup
+            raise OSError("connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "compare_and_swap", flaky)
+    with RunLease(run, ttl_s=0.4) as lease:
+        time.sleep(0.45)
+        assert calls["n"] >= 4 and not lease.lost, "renewals went on after the failed one"
+    assert json.loads(storage.read_bytes(run.path("_lease.json")))["released"] is True

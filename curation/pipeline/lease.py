@@ -92,8 +92,14 @@ class RunLease:
                     self.run.uri, holder["host"], holder["pid"], age)
 
     def _renew(self) -> None:
+        """Every ttl/4: a failed write (storage hiccup) is retried at the next tick, so only ~3
+        missed renewals in a row let the lease expire; a lost compare-and-swap means taken over."""
         while not self._stop.wait(self.ttl_s / 4):
-            version = storage.compare_and_swap(self.uri, self._record(), self.version, self.run.options)
+            try:
+                version = storage.compare_and_swap(self.uri, self._record(), self.version, self.run.options)
+            except Exception as err:  # noqa: BLE001 - the thread must outlive a transient storage error
+                log.warning("could not renew the lease on %s (%s: %s); retrying", self.run.uri, type(err).__name__, err)
+                continue
             if version is None:
                 self.lost = True
                 log.error("lost the lease on %s: another run took it over", self.run.uri)
@@ -105,7 +111,11 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         if not self.lost and self.version is not None:
-            storage.compare_and_swap(self.uri, self._record(released=True), self.version, self.run.options)
+            try:  # never mask the error that ended the run; an unreleased lease expires by itself
+                storage.compare_and_swap(self.uri, self._record(released=True), self.version, self.run.options)
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not release the lease on %s (%s); it expires after %.0f s", self.run.uri, err,
+                            self.ttl_s)
 
     def __enter__(self) -> "RunLease":
         self.acquire()
