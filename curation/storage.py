@@ -53,7 +53,8 @@ def _strip_scheme(uri: str) -> str:
 def _check_scheme(uri: str) -> str:
     scheme = _scheme(uri)
     if scheme not in LOCAL_SCHEMES + S3_SCHEMES:
-        raise ValueError(f"unsupported storage URI {redact_text(uri)!r}: scheme {scheme!r} is not one of {SUPPORTED_SCHEMES}")
+        raise ValueError(f"unsupported storage URI {redact_text(uri)!r}: scheme {scheme!r} is not one of "
+                         f"{SUPPORTED_SCHEMES}")
     if scheme in S3_SCHEMES and "@" in _strip_scheme(uri).split("/", 1)[0]:  # no bucket name holds '@'
         raise ValueError(f"storage URI {redact_text(uri)!r} holds credentials: put them in storage_options "
                          "(key/secret) or the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
@@ -253,12 +254,6 @@ def retry_transient(call, attempts: int = 5, backoff_s: float = 0.5):
     raise ValueError(f"attempts must be positive, got {attempts}")
 
 
-def size(uri: str, storage_options: dict | None = None) -> int:
-    """Size of one file in bytes, from its metadata (stat / HEAD): checked before reading it."""
-    fs, path = filesystem(uri, storage_options)
-    return int(fs.size(path))
-
-
 def is_within(inner: str, outer: str) -> bool:
     """Whether `inner` is `outer` or lies below it (same scheme and bucket; local paths resolved)."""
     if is_local(inner) != is_local(outer):
@@ -310,16 +305,21 @@ def remove(uri: str, storage_options: dict | None = None, missing_ok: bool = Tru
     fs.rm_file(path)
 
 
-def read_versioned(uri: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
-    """A small file's bytes and version (S3: its ETag; local: sha256 of the bytes), or
-    (None, None) when it does not exist. The version is what `compare_and_swap` checks."""
+def _local_version(data: bytes) -> str:
+    """A local file's version for compare-and-swap: its content hash (S3 uses the ETag)."""
     import hashlib
 
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(uri: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """A small file's bytes and version (S3: its ETag; local: `_local_version`), or
+    (None, None) when it does not exist. The version is what `compare_and_swap` checks."""
     fs, path = filesystem(uri, storage_options)
     try:
         if is_local(uri):
             data = fs.cat_file(path)
-            return data, hashlib.sha256(data).hexdigest()
+            return data, _local_version(data)
         etag = fs.info(path)["ETag"]
         return fs.cat_file(path), etag
     except FileNotFoundError:
@@ -334,8 +334,6 @@ def compare_and_swap(uri: str, data: bytes, expected: str | None,
     S3 uses conditional PUTs (If-None-Match / If-Match), atomic on the server; local disk holds an
     exclusive flock on a `.lock` file beside it while checking and replacing.
     """
-    import hashlib
-
     if is_local(uri):
         import fcntl
 
@@ -343,11 +341,11 @@ def compare_and_swap(uri: str, data: bytes, expected: str | None,
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = hashlib.sha256(Path(path).read_bytes()).hexdigest() if os.path.exists(path) else None
+            current = _local_version(Path(path).read_bytes()) if os.path.exists(path) else None
             if current != expected:
                 return None
             _write_local_atomic(path, data)
-            return hashlib.sha256(data).hexdigest()
+            return _local_version(data)
     import errno
 
     fs, path = filesystem(uri, storage_options)

@@ -62,9 +62,15 @@ def has_explicit_store(uri: str | None) -> bool:
     resolved = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not resolved:
         return False
-    if resolved.startswith("sqlite:///"):
-        return resolved[len("sqlite:///"):].startswith("/")
+    if resolved.startswith("sqlite:"):
+        return _sqlite_path(resolved).startswith("/")
     return "://" in resolved or os.path.isabs(resolved)
+
+
+def _sqlite_path(uri: str) -> str:
+    """The database path of a `sqlite:///` URI: `sqlite:////abs/x.db` -> `/abs/x.db`, `sqlite:///x.db`
+    -> `x.db` (relative to the current directory); "" when there is none."""
+    return uri.split(":///", 1)[1] if ":///" in uri else ""
 
 
 class TrackingUnreachableError(RuntimeError):
@@ -109,7 +115,7 @@ def _probe_server(uri: str) -> None:
 
 
 def _check_sqlite_folder(uri: str) -> None:
-    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    path = _sqlite_path(uri)
     if not path or path == ":memory:":
         return
     folder = Path(path).expanduser().parent

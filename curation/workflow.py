@@ -132,13 +132,14 @@ def preprocess_of(cfg: RunConfig) -> tuple[int, tuple, tuple]:
     return preprocess_config(cfg.model.name, cfg.model.pretrained)
 
 
-def score_partitions(cfg: RunConfig, root: str, partitions: list[Partition], artifacts,
+def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts,
                      source=None) -> dict[str, np.ndarray]:
-    """Scores of every decodable item in `partitions` (no decisions, nothing written)."""
-    source = source or dataclasses.replace(cfg.source, uri=root)
+    """Scores of every decodable item in `partitions` of `source` (default: the run's source);
+    no decisions, nothing written."""
+    source = source or cfg.source
     never = {det.label: NEVER for det in cfg.detectors}
-    batches = [] if not partitions else list(ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts, never,
-                                   preprocess_of(cfg)))
+    batches = [] if not partitions else list(ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts,
+                                                             never, preprocess_of(cfg)))
     if not batches:
         return {f"score_{d.label}": np.zeros(0, np.float32) for d in cfg.detectors} | {"failed": 0}
     merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -151,7 +152,7 @@ def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts
     partitions = make_partitions(relative_inputs(uri, options, fmt), fmt, cfg.source.partition_size)
     if not partitions:
         raise ValueError(f"no {fmt} inputs found under {uri}")
-    return score_partitions(cfg, uri, partitions, artifacts, source)
+    return score_partitions(cfg, partitions, artifacts, source)
 
 
 # -- thresholds --------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Parti
             pending.append(det)
     if any(d.threshold.strategy == "quantile" for d in pending):
         sample_size = max(d.threshold.sample_size for d in pending)
-        scores = score_partitions(cfg, cfg.source.uri, calibration_partitions(cfg, partitions, sample_size), artifacts)
+        scores = score_partitions(cfg, calibration_partitions(cfg, partitions, sample_size), artifacts)
         for det in (d for d in pending if d.threshold.strategy == "quantile"):
             sample = scores[f"score_{det.label}"]
             check_calibration_sample(cfg, det, len(sample), scores["failed"], cfg.source.uri)
@@ -401,10 +402,12 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
     timings["total_s"] = time.perf_counter() - started
 
     this_run = _sum_counts(counts, names)
+    # under the lease no other run records partitions: the manifest read at start plus this run's
+    total = _sum_counts([record["counts"] for record in finished.values()] + counts, names)
     summary = {
         "run_name": cfg.run_name, "run_dir": run.uri, "decision_hash": cfg.decision_hash(),
         "model": model_identity(cfg.model), "thresholds": thresholds, "detectors_reused": reused,
-        "skipped": skipped, "unfinished": unfinished, "this_run": this_run, "total": _sum_counts([r["counts"] for r in run.manifest().values()], names),
+        "skipped": skipped, "unfinished": unfinished, "this_run": this_run, "total": total,
         "throughput_items_per_s": this_run["items"] / timings["stream_and_write_s"] if this_run["items"] else 0.0,
         "timings": timings,
     }

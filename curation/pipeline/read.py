@@ -39,44 +39,28 @@ class RawItem:
     whole_file: bool = False
 
 
-@dataclass(frozen=True)
-class ReadLimits:
-    """Byte and count limits and retry policy of one source (see SourceConfig)."""
-
-    max_item_bytes: int = 64 * 2**20
-    max_file_bytes: int = 2 * 2**30
-    max_members: int = 200_000
-    attempts: int = 5
-    backoff_s: float = 0.5
-
-    @classmethod
-    def of(cls, source) -> "ReadLimits":
-        return cls(source.max_item_bytes, source.max_file_bytes, source.max_members, source.read_attempts,
-                   source.retry_backoff_s)
-
-
-def fetch(uri: str, options: dict, limits: ReadLimits, max_bytes: int) -> bytes | DecodeError:
-    """A file's bytes, or why not: `too_large` past `max_bytes` (never holding more than
-    max_bytes + 1), `missing` for a definite not-found, UNAVAILABLE when transient errors outlast
-    the retries."""
+def fetch(uri: str, source, max_bytes: int) -> bytes | DecodeError:
+    """A file of `source` (a SourceConfig: storage options, retry policy) as bytes, or why not:
+    `too_large` past `max_bytes` (never holding more than max_bytes + 1), `missing` for a definite
+    not-found, UNAVAILABLE when transient errors outlast the retries."""
     try:
-        data = storage.retry_transient(lambda: storage.read_bytes(uri, options, max_bytes),
-                                       limits.attempts, limits.backoff_s)
+        data = storage.retry_transient(lambda: storage.read_bytes(uri, source.storage_options, max_bytes),
+                                       source.read_attempts, source.retry_backoff_s)
     except storage.DEFINITE_ERRORS as err:
         return DecodeError("missing", f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - only transient errors are turned into values
         if not storage.is_transient(err):
             raise
-        return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {limits.attempts} attempts: {err}")
+        return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {source.read_attempts} attempts: {err}")
     if len(data) > max_bytes:
         return DecodeError("too_large", f"more than {max_bytes} bytes (source.max_item_bytes / max_file_bytes)")
     return data
 
 
-def iter_image_files(root: str, partition: Partition, options: dict, limits: ReadLimits) -> Iterator[RawItem]:
+def iter_image_files(partition: Partition, source) -> Iterator[RawItem]:
     for name in partition.inputs:
-        uri = storage.join(root, name)
-        result = fetch(uri, options, limits, limits.max_item_bytes)
+        uri = storage.join(source.uri, name)
+        result = fetch(uri, source, source.max_item_bytes)
         error = result if isinstance(result, DecodeError) else None
         yield RawItem(name, uri, None if error else result, error)
 
@@ -88,13 +72,13 @@ def read_parquet_table(uri: str, options: dict):
     return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
 
 
-def read_source_table(uri: str, options: dict, limits: ReadLimits):
+def read_source_table(uri: str, source):
     """A source parquet file as a table, or a DecodeError for the whole file (too large, missing,
     unavailable, or not parquet: a corrupt or partly uploaded file raises ArrowInvalid)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = fetch(uri, options, limits, limits.max_file_bytes)
+    data = fetch(uri, source, source.max_file_bytes)
     if isinstance(data, DecodeError):
         return data
     try:
@@ -116,31 +100,30 @@ def parquet_ids(table, name: str, id_column: str) -> list[str]:
     return [f"{name}#{row}" for row in range(table.num_rows)]
 
 
-def _cell_error(data: bytes | None, limits: ReadLimits) -> DecodeError | None:
+def _cell_error(data: bytes | None, source) -> DecodeError | None:
     if data is None:
         return DecodeError("empty", "image cell is null")
-    if len(data) > limits.max_item_bytes:
-        return DecodeError("too_large", f"{len(data)} bytes > source.max_item_bytes {limits.max_item_bytes}")
+    if len(data) > source.max_item_bytes:
+        return DecodeError("too_large", f"{len(data)} bytes > source.max_item_bytes {source.max_item_bytes}")
     return None
 
 
-def iter_parquet(root: str, partition: Partition, options: dict, id_column: str, image_column: str,
-                 limits: ReadLimits) -> Iterator[RawItem]:
+def iter_parquet(partition: Partition, source) -> Iterator[RawItem]:
     (name,) = partition.inputs
-    uri = storage.join(root, name)
-    table = read_source_table(uri, options, limits)
+    uri = storage.join(source.uri, name)
+    table = read_source_table(uri, source)
     if isinstance(table, DecodeError):
         yield RawItem(name, uri, None, table, whole_file=True)
         return
-    ids = parquet_ids(table, name, id_column)
-    if image_column not in table.column_names:
-        error = DecodeError("no_image_column", f"source.image_column {image_column!r} is not a column of "
+    ids = parquet_ids(table, name, source.id_column)
+    if source.image_column not in table.column_names:
+        error = DecodeError("no_image_column", f"source.image_column {source.image_column!r} is not a column of "
                                                f"{uri}; columns: {table.column_names}")
         yield from (RawItem(item_id, f"{uri}#{row}", None, error) for row, item_id in enumerate(ids))
         return
-    for row, (item_id, cell) in enumerate(zip(ids, table.column(image_column).to_pylist())):
+    for row, (item_id, cell) in enumerate(zip(ids, table.column(source.image_column).to_pylist())):
         data = _cell_bytes(cell)
-        error = _cell_error(data, limits)
+        error = _cell_error(data, source)
         yield RawItem(item_id, f"{uri}#{row}", None if error else data, error)
 
 
@@ -172,9 +155,9 @@ def _member_kind(member) -> str:
 
 
 def _add_member(tar, member, entries: dict[str, ShardEntry], duplicates: list[ShardEntry],
-                limits: ReadLimits) -> None:
+                source) -> None:
     """Record one tar member into its sample, or fail the sample / record a duplicate, without
-    reading more than `limits.max_item_bytes` of it."""
+    reading more than `source.max_item_bytes` of it."""
     import tarfile
 
     key, ext = sample_key(member.name)
@@ -188,9 +171,9 @@ def _add_member(tar, member, entries: dict[str, ShardEntry], duplicates: list[Sh
         duplicates.append(ShardEntry(f"{key}#duplicate{len(duplicates) + 1}", {}, DecodeError(
             "duplicate_member", f"member {member.name!r} appears again at byte {member.offset}; the first is used"),
             where=f"{member.name}@{member.offset}"))
-    elif member.size > limits.max_item_bytes:
+    elif member.size > source.max_item_bytes:
         entry.error = DecodeError("too_large", f"member {member.name!r} has {member.size} bytes > "
-                                               f"source.max_item_bytes {limits.max_item_bytes}")
+                                               f"source.max_item_bytes {source.max_item_bytes}")
     else:
         try:
             entry.members[ext] = tar.extractfile(member).read()
@@ -198,7 +181,7 @@ def _add_member(tar, member, entries: dict[str, ShardEntry], duplicates: list[Sh
             entry.error = DecodeError("truncated", f"member {member.name!r}: {type(err).__name__}: {err}")
 
 
-def read_shard(data: bytes, limits: ReadLimits) -> list[ShardEntry]:
+def read_shard(data: bytes, source) -> list[ShardEntry]:
     """Shard bytes -> its samples in shard order, then recorded problems.
 
     Plain (uncompressed) tar only: a compressed shard is refused as `unsupported` instead of
@@ -221,19 +204,20 @@ def read_shard(data: bytes, limits: ReadLimits) -> list[ShardEntry]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for count, member in enumerate(tar):
-                if count >= limits.max_members:
+                if count >= source.max_members:
                     tail.append(ShardEntry("", {}, DecodeError("too_large", f"more than source.max_members "
-                                           f"{limits.max_members} members; the rest was not read"), whole_file=True))
+                                           f"{source.max_members} members; the rest was not read"), whole_file=True))
                     break
                 if not member.isdir():
-                    _add_member(tar, member, entries, duplicates, limits)
+                    _add_member(tar, member, entries, duplicates, source)
             if not tail and data[tar.offset:tar.offset + len(TAR_END)] != TAR_END:
                 tail.append(ShardEntry("", {}, DecodeError("truncated", f"shard ends at byte {len(data)} without "
                                        f"the end-of-archive marker after {len(entries)} samples; later samples "
                                        "may be lost (partly uploaded?)"), whole_file=True))
     except (tarfile.TarError, EOFError) as err:
         tail.append(ShardEntry("", {}, DecodeError("corrupt" if not entries else "truncated",
-                                                   f"not a readable tar: {type(err).__name__}: {err}"), whole_file=True))
+                                                   f"not a readable tar: {type(err).__name__}: {err}"),
+                               whole_file=True))
     return list(entries.values()) + duplicates + tail
 
 
@@ -244,11 +228,11 @@ def image_member(sample: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def read_source_shard(uri: str, options: dict, limits: ReadLimits) -> list[ShardEntry]:
-    data = fetch(uri, options, limits, limits.max_file_bytes)
+def read_source_shard(uri: str, source) -> list[ShardEntry]:
+    data = fetch(uri, source, source.max_file_bytes)
     if isinstance(data, DecodeError):
         return [ShardEntry("", {}, data, whole_file=True)]
-    return read_shard(data, limits)
+    return read_shard(data, source)
 
 
 def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:
@@ -261,21 +245,20 @@ def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:
     return RawItem(entry.key, source, data, error)
 
 
-def iter_webdataset(root: str, partition: Partition, options: dict, limits: ReadLimits) -> Iterator[RawItem]:
+def iter_webdataset(partition: Partition, source) -> Iterator[RawItem]:
     (name,) = partition.inputs
-    uri = storage.join(root, name)
-    for entry in read_source_shard(uri, options, limits):
+    uri = storage.join(source.uri, name)
+    for entry in read_source_shard(uri, source):
         yield _shard_item(name, uri, entry)
 
 
 def iter_raw_items(partition: Partition, source) -> Iterator[RawItem]:
     """The raw items of one partition of `source` (a SourceConfig: root, options, columns, limits)."""
-    root, options, limits = source.uri, source.storage_options, ReadLimits.of(source)
     if partition.format == "images":
-        return iter_image_files(root, partition, options, limits)
+        return iter_image_files(partition, source)
     if partition.format == "parquet":
-        return iter_parquet(root, partition, options, source.id_column, source.image_column, limits)
-    return iter_webdataset(root, partition, options, limits)
+        return iter_parquet(partition, source)
+    return iter_webdataset(partition, source)
 
 
 def decode_partition(partition: Partition, source, image_size: int) -> dict[str, np.ndarray]:

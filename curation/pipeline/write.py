@@ -15,7 +15,7 @@ import numpy as np
 from curation import storage
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.decode import DecodeError
-from curation.pipeline.read import UNAVAILABLE, ReadLimits, fetch, read_source_shard, read_source_table
+from curation.pipeline.read import UNAVAILABLE, fetch, read_source_shard, read_source_table
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
 
@@ -49,17 +49,16 @@ def _readable(result, uri: str):
 
 
 def _split_images(run: RunDirectory, source, results: dict) -> None:
-    limits = ReadLimits.of(source)
     for item_id, decision in zip(results["id"], results["decision"]):
         if decision in (KEEP, REMOVE):
             uri = storage.join(source.uri, item_id)
-            data = _readable(fetch(uri, source.storage_options, limits, limits.max_item_bytes), uri)
+            data = _readable(fetch(uri, source, source.max_item_bytes), uri)
             storage.write_bytes(run.path("kept" if decision == KEEP else "removed", item_id), data, run.options)
 
 
 def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) -> None:
     uri = storage.join(source.uri, name)
-    table = _readable(read_source_table(uri, source.storage_options, ReadLimits.of(source)), uri)
+    table = _readable(read_source_table(uri, source), uri)
     for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
         _write_table(run, table.filter(decisions == wanted), folder, name)
 
@@ -78,7 +77,7 @@ def _tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
 def _split_webdataset(run: RunDirectory, source, name: str, results: dict) -> None:
     """kept/ and removed/ shards hold the decided samples, every member of each, in shard order."""
     uri = storage.join(source.uri, name)
-    entries = read_source_shard(uri, source.storage_options, ReadLimits.of(source))
+    entries = read_source_shard(uri, source)
     if any(entry.whole_file and entry.error.kind == UNAVAILABLE for entry in entries):
         raise SourceUnavailableError(f"{uri}: could not be read again")
     decision_of = dict(zip(results["id"], results["decision"]))
