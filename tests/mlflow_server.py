@@ -8,6 +8,7 @@ artifacts through the server exactly as against a remote one.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import socket
@@ -19,6 +20,24 @@ import urllib.request
 from pathlib import Path
 
 START_TIMEOUT_S = 60.0
+
+
+def stand_in_handler(status: int = 200, requests_served: list | None = None):
+    """An http.server handler class answering every GET with `status` and MLflow's empty
+    experiments list (enough for the start-up probe), recording (path, Authorization) of each."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if requests_served is not None:
+                requests_served.append((self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"experiments": []}')
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
 
 
 def _free_port() -> int:

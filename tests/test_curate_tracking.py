@@ -15,6 +15,7 @@ import pytest
 from curation import cli, workflow
 from curation.tracking import TrackingUnreachableError
 from images import write_rgb_images
+from mlflow_server import stand_in_handler
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 PASSWORD = "s3cr3t-pw-do-not-log"
@@ -38,17 +39,7 @@ def _assert_complete(source: Path, run_dir: Path) -> None:
 def _server_that_dies_after_the_probe():
     """Answers the first request like an MLflow server (the job's start-up probe), then closes its
     port: the tracking server going away mid-run."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"experiments": []}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.HTTPServer(("127.0.0.1", 0), stand_in_handler())
     server.timeout = 120
 
     def serve_once():

@@ -152,7 +152,8 @@ def test_throttled_reads_leave_their_partition_for_the_next_run(make_config, tmp
         options = s3 | {"endpoint_url": proxy.url}
         for i in range(3):
             storage.write_bytes(f"s3://throttled/src/part-{i}.parquet", hostile.parquet_bytes(2, seed=20 + i), s3)
-        cfg = make_config("s3://throttled/src", "source.format=parquet", f"source.storage_options={json.dumps(options)}",
+        cfg = make_config("s3://throttled/src", "source.format=parquet",
+                          f"source.storage_options={json.dumps(options)}",
                           "source.read_attempts=1", detectors=("mcm",))
         proxy.throttle("part-1.parquet")
         first = workflow.curate(cfg)

@@ -28,6 +28,7 @@ from curation.tracking import (
     resolve_tracking_uri,
     roc_points,
 )
+from mlflow_server import stand_in_handler
 
 SECRET = "s3cr3t-do-not-log"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -277,18 +278,7 @@ def test_check_reachable_closed_port_fails_in_seconds_without_password():
 @contextlib.contextmanager
 def _http_server(status: int, requests_served: list):
     """A local HTTP server answering every GET with `status` (stands in for MLflow or a stranger)."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests_served.append((self.path, self.headers.get("Authorization")))
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"experiments": []}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), stand_in_handler(status, requests_served))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
