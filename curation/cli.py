@@ -110,10 +110,10 @@ def _explained_errors() -> tuple[type[Exception], ...]:
     from curation.pipeline.plan import OutputConflictError
     from curation.storage import StorageUnreachableError
     from curation.tracking import TrackingUnreachableError
-    from curation.workflow import CalibrationError, JobPathError, NoInputsError
+    from curation.workflow import CalibrationError, ClusterPathError, JobPathError, NoInputsError
 
     return (RunLockedError, OutputConflictError, StorageUnreachableError, TrackingUnreachableError,
-            CalibrationError, JobPathError, NoInputsError)
+            CalibrationError, ClusterPathError, JobPathError, NoInputsError)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ class ComputeConfig:
     gpus_per_actor: float | None = None
     decode_cpus: float = 0.5
     torch_threads: int | None = None  # CPU actors: None = Ray's default (OMP_NUM_THREADS from num_cpus)
+    # Local paths (source, output, evaluation images) are on storage every Ray node mounts at the
+    # same path (NFS, Lustre). Without it a cluster of several nodes refuses local paths: each node
+    # would read and write its own disk.
+    shared_filesystem: bool = False
 
     def __post_init__(self):
         _check_positive(self, "actors")

@@ -275,6 +275,32 @@ def check_paths_for_ray_job(cfg: RunConfig) -> None:
                            "--runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": ...}}').")
 
 
+class ClusterPathError(ValueError):
+    """A local path on a cluster of several nodes that the config does not declare shared."""
+
+
+def start_ray(cfg: RunConfig) -> None:
+    """Join or start Ray, then refuse local paths a multi-node cluster cannot share."""
+    ray_data.init_ray(cfg.compute.ray_address)
+    check_local_paths_on_cluster(cfg, ray_data.alive_nodes())
+
+
+def check_local_paths_on_cluster(cfg: RunConfig, nodes: int) -> None:
+    """Decode tasks and writer tasks run on every node: on a cluster of several nodes a local path
+    means each node's own disk (inputs missing on some nodes, outputs scattered over all of them),
+    unless every node mounts it at the same path (`compute.shared_filesystem`)."""
+    if nodes < 2 or cfg.compute.shared_filesystem:
+        return
+    paths = {"source.uri": cfg.source.uri, "output.uri": cfg.output.uri,
+             "evaluation.wanted_uri": cfg.evaluation.wanted_uri, "evaluation.unwanted_uri": cfg.evaluation.unwanted_uri}
+    local = [f"{name}={value!r}" for name, value in paths.items() if value and storage.is_local(value)]
+    if local:
+        raise ClusterPathError(
+            f"the Ray cluster has {nodes} nodes and these are local paths: {', '.join(local)}; each node would read "
+            "and write its own disk. Use s3:// URIs, or, if the paths are on storage every node mounts at the same "
+            "path (NFS, Lustre), set compute.shared_filesystem: true.")
+
+
 def check_output_outside_source(source_uri: str, output_uri: str) -> None:
     """The source listing is recursive: an output inside the source would be curated by the next run."""
     if storage.is_within(output_uri, source_uri):
@@ -356,7 +382,7 @@ def curate(cfg: RunConfig) -> dict:
     storage.check_reachable(cfg.output.uri, cfg.output.storage_options)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
     with RunLease(run, cfg.output.lease_ttl_s) as lease:  # before Ray starts: a refused run costs nothing
-        ray_data.init_ray(cfg.compute.ray_address)
+        start_ray(cfg)
         return _curate_leased(cfg, run, lease, started)
 
 
@@ -495,7 +521,7 @@ def train(cfg: RunConfig) -> dict:
     from curation.tracking import Tracker, flatten
 
     tracking.check_reachable(cfg.tracking.uri)
-    ray_data.init_ray(cfg.compute.ray_address)
+    start_ray(cfg)
     tick = time.perf_counter()
     artifacts, reused = fitted_detectors(cfg)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
@@ -548,7 +574,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     if previous_model != model_identity(cfg.model):
         raise ValueError(f"{scores_uri} stored embeddings of {previous_model}, the config uses "
                          f"{model_identity(cfg.model)}: detectors must be fitted for the same model")
-    ray_data.init_ray(cfg.compute.ray_address)
+    start_ray(cfg)
     artifacts, _ = fitted_detectors(cfg)
     detectors, names = load_artifacts(artifacts), [d.label for d in cfg.detectors]
     records = previous.manifest()
@@ -602,7 +628,7 @@ def evaluate(cfg: RunConfig) -> dict:
     if not (ev.wanted_uri and ev.unwanted_uri):
         raise ValueError("evaluate needs evaluation.wanted_uri and evaluation.unwanted_uri")
     tracking.check_reachable(cfg.tracking.uri)
-    ray_data.init_ray(cfg.compute.ray_address)
+    start_ray(cfg)
     artifacts, _ = fitted_detectors(cfg)
     wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)
     unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts)

@@ -77,3 +77,17 @@ def test_damaged_cache_entries_are_refitted_not_used(make_config, tmp_path, capl
         detector_from_files(artifacts[0], "tiny-clip/random-seed0")  # a usable artifact came back
         assert artifacts[0][ARTIFACT_TENSORS] == good[0][ARTIFACT_TENSORS], what
     assert workflow.fitted_detectors(cfg)[1] == {"mcm": True}, "the refit repaired the cache entry"
+
+
+def test_local_paths_are_refused_on_a_multi_node_cluster_unless_declared_shared(make_config, tmp_path):
+    cfg = make_config(tmp_path / "images", f"evaluation.wanted_uri={tmp_path / 'wanted'}", detectors=("mcm",))
+    workflow.check_local_paths_on_cluster(cfg, nodes=1)  # one node: its disk is everybody's
+    with pytest.raises(workflow.ClusterPathError) as refused:
+        workflow.check_local_paths_on_cluster(cfg, nodes=3)
+    message = str(refused.value)
+    assert "3 nodes" in message and "compute.shared_filesystem: true" in message
+    assert all(f"{field}=" in message for field in ("source.uri", "output.uri", "evaluation.wanted_uri"))
+    workflow.check_local_paths_on_cluster(make_config(tmp_path / "images", "compute.shared_filesystem=true",
+                                                      detectors=("mcm",)), nodes=3)
+    s3 = make_config("s3://bucket/images", "output.uri=s3://bucket/out", detectors=("mcm",))
+    workflow.check_local_paths_on_cluster(s3, nodes=3)
