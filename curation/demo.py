@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from curation.progress import Progress
+
 DEMO_SEED = 20_241_123  # training draws (seed, step) seeds, evaluation 1234: these renders are new
 N_OFF_DOMAIN = 90
 WEAPON_RENDERS = 3
@@ -41,13 +43,15 @@ def demo_items(seed: int = DEMO_SEED) -> list[tuple[str, str, np.ndarray]]:
     chosen = ([(e, "food & drink", 1) for e in food] + [(e, "off-domain", 1) for e in off_domain]
               + [(e, "weapon", WEAPON_RENDERS) for e in emojis if e.id in weapons])
     items = []
-    for j, (emoji, category, renders) in enumerate(chosen):
-        for k in range(renders):
-            for offset in range(len(STYLES)):  # styles rotate over items; skip one that lacks the emoji
-                pixels = render_image(emoji, STYLES[(j + k + offset) % len(STYLES)], seed, k)
-                if pixels is not None:
-                    items.append((f"{emoji.id}_{k}", category, pixels))
-                    break
+    with Progress("rendering the demo dataset", len(chosen), "emoji") as progress:
+        for j, (emoji, category, renders) in enumerate(chosen):
+            for k in range(renders):
+                for offset in range(len(STYLES)):  # styles rotate over items; skip one that lacks the emoji
+                    pixels = render_image(emoji, STYLES[(j + k + offset) % len(STYLES)], seed, k)
+                    if pixels is not None:
+                        items.append((f"{emoji.id}_{k}", category, pixels))
+                        break
+            progress.update(1, images=len(items))
     return [items[i] for i in rng.permutation(len(items))]
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from curation.progress import Progress, Waiting
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -209,7 +211,8 @@ def _create_open_clip(cfg: ModelConfig, device: str):
 def load_model(cfg: ModelConfig) -> "ClipEncoder":
     """Build the frozen model described by `cfg` (eval mode, no grad) and wrap it for encoding."""
     device = _resolve_device(cfg.device)
-    model, preprocess, tokenizer = _create(cfg, device)
+    with Waiting(f"loading model {cfg.name} ({cfg.pretrained or 'random weights'}) on {device}"):
+        model, preprocess, tokenizer = _create(cfg, device)
     model.eval().requires_grad_(False)
     return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size,
                        text_identity(cfg))
@@ -288,14 +291,24 @@ class ClipEncoder:
         length = max(int((tokens != pad_id).sum(dim=-1).max()), 1)
         return F.normalize(self.model.encode_text(tokens[:, :length]).float(), dim=-1)
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
-        """Encode prompts -> float32 array [n, d], rows L2-normalised."""
-        import torch
-        import torch.nn.functional as F
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True,
+                    progress: Progress | None = None) -> np.ndarray:
+        """Encode prompts -> float32 array [n, d], rows L2-normalised.
 
+        Reports texts done per batch to `progress` (the caller's, when this call is one part of a
+        larger encode), else to its own "encoding texts" reporter (silent for short calls)."""
         texts = list(texts)
         if not texts:
             raise ValueError("encode_text: no texts given")
+        if progress is not None:
+            return self._encode_batches(texts, batch_size, trim, progress)
+        with Progress("encoding texts", len(texts), "texts") as own:
+            return self._encode_batches(texts, batch_size, trim, own)
+
+    def _encode_batches(self, texts: list[str], batch_size: int, trim: bool, progress: Progress) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
         causal = trim and self._can_trim()
         pad_id = self._hf_pad_id() if trim and not causal else None
         out = []
@@ -309,6 +322,7 @@ class ClipEncoder:
                 else:
                     feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
                 out.append(feats.cpu().numpy())
+                progress.update(len(tokens))
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def encode_pixels(self, pixels: "torch.Tensor | np.ndarray") -> np.ndarray:

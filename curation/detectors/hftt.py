@@ -10,9 +10,11 @@ row and every corpus row is computed once; each step only recomputes the M train
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import math
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
+from curation.progress import Progress
 from curation.text.templates import HFTT_WORLD_TEMPLATE, fill, resolve_templates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,10 +142,13 @@ def frozen_task_loss(task_rows, task_lse_task, world_batch, world_lse_task, trai
 
 def train_trainable(task_rows, world, task_emb, n_trainable: int = 10, temperature: float = 0.01,
                     focal: float = 1.0, lr: float = 1.0, momentum: float = 0.9, batch_size: int = 256,
-                    epochs: int = 1, seed: int = 0, max_steps: int | None = None) -> "torch.Tensor":
+                    epochs: int = 1, seed: int = 0, max_steps: int | None = None,
+                    on_step: Callable[[int, "torch.Tensor"], None] | None = None) -> "torch.Tensor":
     """Train P [M, d] with SGD on cached embeddings, task log-sum-exps precomputed once.
 
-    Returns the raw (unnormalised) trainable embeddings, as the reference stores them.
+    `on_step(epoch, loss)` is called after every optimiser step (epoch from 0; the loss a detached
+    scalar tensor, so a caller that does not print it costs no device sync). Returns the raw
+    (unnormalised) trainable embeddings, as the reference stores them.
     """
     import torch
 
@@ -159,18 +164,36 @@ def train_trainable(task_rows, world, task_emb, n_trainable: int = 10, temperatu
         task_lse_task = _lse(task_rows, task_emb, temperature)
         world_lse_task = _lse(world, task_emb, temperature)
     steps = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for batch in torch.randperm(len(world), generator=generator).split(batch_size):
             loss = frozen_task_loss(task_rows, task_lse_task, world[batch], world_lse_task[batch],
                                     trainable, temperature, focal)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step(epoch, loss.detach())
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 return trainable.detach()
         schedule.step()
     return trainable.detach()
+
+
+class _EpochLoss:
+    """`train_trainable`'s `on_step` for a progress reporter: the epoch and its mean loss so far
+    (one batch's loss jumps by 4x between steps). The sum stays a tensor on the training device:
+    no sync per step, only when a line is printed."""
+
+    def __init__(self, progress: Progress, epochs: int):
+        self.progress, self.epochs = progress, epochs
+        self.epoch, self.total, self.steps = -1, 0.0, 0
+
+    def __call__(self, epoch: int, loss: "torch.Tensor") -> None:
+        if epoch != self.epoch:
+            self.epoch, self.total, self.steps = epoch, 0.0, 0
+        self.total, self.steps = self.total + loss, self.steps + 1
+        self.progress.update(1, epoch=f"{epoch + 1}/{self.epochs}", mean_loss=self.total / self.steps)
 
 
 class HFTT(Detector):
@@ -211,9 +234,12 @@ class HFTT(Detector):
         task_emb = task_embeddings(per_template)
         task_rows = _normalize(torch.as_tensor(per_template).flatten(0, 1))
         self.task_emb = task_emb.float()
-        self.trainable = train_trainable(
-            task_rows, world, task_emb, self.n_trainable, self.temperature, self.focal, self.lr,
-            self.momentum, self.batch_size, self.epochs, self.seed).float()
+        steps = self.epochs * math.ceil(len(world) / self.batch_size)
+        with Progress(f"training HFTT detector {self.name!r}", steps, "steps", epoch=f"1/{self.epochs}") as progress:
+            self.trainable = train_trainable(
+                task_rows, world, task_emb, self.n_trainable, self.temperature, self.focal, self.lr,
+                self.momentum, self.batch_size, self.epochs, self.seed,
+                on_step=_EpochLoss(progress, self.epochs)).float()
         self.model_identity_ = model_identity
         return self
 

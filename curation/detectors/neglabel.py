@@ -7,38 +7,49 @@ of negatives. Grouping uses a seeded CPU permutation so scores do not depend on 
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
+from curation.progress import Progress
 from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, fill
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+log = logging.getLogger("curation.detectors")
 _QUANTILE_ROWS = 8192  # torch.quantile refuses inputs over 2**24 elements
 
 
-def _percentile_similarity(candidates: "torch.Tensor", id_emb: "torch.Tensor", percentile: float):
+def _percentile_similarity(candidates: "torch.Tensor", id_emb: "torch.Tensor", percentile: float,
+                           on_rows: Callable[[int], None] | None = None):
     import torch
 
-    return torch.cat([torch.quantile(chunk @ id_emb.T, percentile, dim=1, interpolation="linear")
-                      for chunk in candidates.split(_QUANTILE_ROWS)])
+    out = []
+    for chunk in candidates.split(_QUANTILE_ROWS):
+        out.append(torch.quantile(chunk @ id_emb.T, percentile, dim=1, interpolation="linear"))
+        if on_rows is not None:
+            on_rows(len(chunk))
+    return torch.cat(out)
 
 
-def _select_farthest(candidates, id_emb, percentile: float, fraction: float) -> "torch.Tensor":
+def _select_farthest(candidates, id_emb, percentile: float, fraction: float,
+                     on_rows: Callable[[int], None] | None = None) -> "torch.Tensor":
     import torch
 
     if len(candidates) == 0:
         return torch.zeros(0, dtype=torch.long)
-    distance = _percentile_similarity(candidates, id_emb, percentile)
+    distance = _percentile_similarity(candidates, id_emb, percentile, on_rows)
     return torch.argsort(distance, stable=True)[: math.floor(fraction * len(candidates))]
 
 
-def mine_negatives(id_emb, noun_emb, adj_emb, percentile: float = 0.95, fraction: float = 0.15):
+def mine_negatives(id_emb, noun_emb, adj_emb, percentile: float = 0.95, fraction: float = 0.15,
+                   on_rows: Callable[[int], None] | None = None):
     """NegMining -> (noun_idx, adj_idx), each in selection order (ascending percentile similarity).
 
     id_emb [K, d], noun_emb [Nn, d], adj_emb [Na, d]; keeps floor(fraction * n) of each part of speech.
+    `on_rows(n)` is called as each chunk of n candidates is measured (progress of a long mining).
     """
     id_emb = as_float_tensor(id_emb, "id_emb")
     dim = id_emb.shape[1]
@@ -46,8 +57,8 @@ def mine_negatives(id_emb, noun_emb, adj_emb, percentile: float = 0.95, fraction
     adj_emb = as_float_tensor(adj_emb, "adj_emb", dim).to(id_emb.dtype)
     if not 0.0 <= percentile <= 1.0 or not 0.0 < fraction <= 1.0:
         raise ValueError(f"percentile must be in [0, 1] and fraction in (0, 1], got {percentile}, {fraction}")
-    return (_select_farthest(noun_emb, id_emb, percentile, fraction),
-            _select_farthest(adj_emb, id_emb, percentile, fraction))
+    return (_select_farthest(noun_emb, id_emb, percentile, fraction, on_rows),
+            _select_farthest(adj_emb, id_emb, percentile, fraction, on_rows))
 
 
 def group_permutation(n_negatives: int, ngroup: int, seed: int = 0) -> "torch.Tensor":
@@ -101,6 +112,8 @@ class NegLabel(Detector):
         nouns, adjs = corpora.wordnet_candidates(
             tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
             tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
+        log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns and %d adjectives",
+                 self.name, len(self.task_texts), len(nouns), len(adjs))
         return self.fit_embeddings(
             encoder.encode_text(fill(NEGLABEL_NOUN_TEMPLATE, self.task_texts)),
             encoder.encode_text(fill(NEGLABEL_NOUN_TEMPLATE, nouns)),
@@ -116,7 +129,10 @@ class NegLabel(Detector):
         dim = id_emb.shape[1]
         noun_emb = as_float_tensor(noun_emb, "noun_emb", dim)
         adj_emb = as_float_tensor(adj_emb, "adj_emb", dim) if len(adj_emb) else id_emb.new_zeros(0, dim)
-        noun_idx, adj_idx = mine_negatives(id_emb, noun_emb, adj_emb, self.percentile, self.fraction)
+        with Progress(f"mining NegLabel negatives for {self.name!r}", len(noun_emb) + len(adj_emb),
+                      "candidates") as progress:
+            noun_idx, adj_idx = mine_negatives(id_emb, noun_emb, adj_emb, self.percentile, self.fraction,
+                                               progress.update)
         self.id_emb = id_emb.float()
         self.neg_emb = torch.cat([noun_emb[noun_idx], adj_emb[adj_idx]]).float()
         group_permutation(len(self.neg_emb), self.ngroup, self.seed)  # fail at fit, not at score

@@ -18,6 +18,7 @@ import numpy as np
 
 from curation.emoji.catalog import holdout_split, load_catalog, weapon_ids
 from curation.emoji.render import write_eval_set
+from curation.progress import configure_logging
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS = {"ood": CONFIGS / "demo-ood.yaml", "unwanted": CONFIGS / "demo-unwanted.yaml"}
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="render seed (training used others)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
+    configure_logging()
     results = evaluate_all(args.out, args.n_per_emoji, args.limit, args.seed, args.min_images,
                            args.overrides)
     for key, report in results.items():

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from curation.emoji.catalog import Emoji, load_catalog
+from curation.progress import Progress
 
 STYLES = ("noto", "twemoji", "symbola")
 NOTO_FONT = Path(os.environ.get("CURATION_NOTO_FONT", "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"))
@@ -334,12 +335,15 @@ def write_eval_set(directory: str | Path, emoji_ids: Sequence[str], style: str, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for emoji in lookup(emoji_ids):
-        usable = [s for s in styles if render_glyph(emoji, s) is not None]
-        for k in range(n_per_emoji if usable else 0):
-            chosen = usable[k % len(usable)]
-            pixels = render_image(emoji, chosen, seed, k, size)
-            path = directory / f"{emoji.id}_{chosen}_{k:03d}.png"
-            Image.fromarray(pixels).save(path)
-            written.append(path)
+    emojis = lookup(emoji_ids)
+    with Progress(f"rendering {directory}", len(emojis), "emoji") as progress:
+        for emoji in emojis:
+            usable = [s for s in styles if render_glyph(emoji, s) is not None]
+            for k in range(n_per_emoji if usable else 0):
+                chosen = usable[k % len(usable)]
+                pixels = render_image(emoji, chosen, seed, k, size)
+                path = directory / f"{emoji.id}_{chosen}_{k:03d}.png"
+                Image.fromarray(pixels).save(path)
+                written.append(path)
+            progress.update(1, images=len(written))
     return written

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from curation.emoji import catalog, render
+from curation.progress import Progress, configure_logging
 
 log = logging.getLogger("curation.emoji.train")
 
@@ -66,7 +67,7 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16" (CPU autocast; fast where the CPU has AMX)
     eval_per_emoji: int = 1
     eval_seed: int = 1_000_003
-    log_every: int = 50
+    log_every: int = 50  # steps per loss-curve point; progress lines show the mean loss over as many
     vision_cfg: dict | None = field(default=None)  # tests: a tiny tower
 
 
@@ -183,11 +184,12 @@ def encode_captions(model, tokenizer, texts: Sequence[str], batch: int = 256) ->
     lengths = (tokens != 0).sum(1)
     order = torch.argsort(lengths, stable=True)
     out = torch.empty(len(texts), model.text.output_dim)
-    with torch.no_grad():
+    with torch.no_grad(), Progress("encoding captions", len(texts), "texts") as progress:
         for start in range(0, len(texts), batch):
             rows = order[start:start + batch]
             chunk = tokens[rows, :int(lengths[rows].max())]
             out[rows] = F.normalize(model.encode_text(chunk).float(), dim=-1)
+            progress.update(len(rows))
     return out
 
 
@@ -309,10 +311,11 @@ def encode_images(model, pixels: np.ndarray, batch: int = 256) -> "torch.Tensor"
     from curation.emoji.model import pixels_to_input
 
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), Progress("encoding images", len(pixels), "images") as progress:
         for start in range(0, len(pixels), batch):
             x = pixels_to_input(pixels[start:start + batch], model)
             out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+            progress.update(len(x))
     return torch.cat(out)
 
 
@@ -454,20 +457,24 @@ def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig) -> dict
     fixed = mean_prototypes(bank, data, cfg.name_caption_p)
     losses, step, seen = [], 0, 0
     t_start = time.time()
-    for pixels, targets in _loader(data, cfg):
-        now = time.time()
-        schedule.update(step, now, t_start)
-        if schedule.done(step, now, t_start):
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, schedule.decay_start, schedule.total)
-        prototypes = draw_prototypes(bank, data, np.random.default_rng([cfg.seed, step, 11]),
-                                     cfg.name_caption_p) if cfg.sample_captions else fixed
-        losses.append(train_step(model, optimizer, pixels, targets, prototypes, cfg))
-        step += 1
-        seen += len(pixels)
-        if step % cfg.log_every == 0:
-            _log_progress(step, schedule.total, losses, model, optimizer, seen, time.time() - t_start, cfg)
+    # the step count is known from the start with --steps, else once the decay is scheduled
+    with Progress("training the image tower", schedule.total, "steps") as progress:
+        for pixels, targets in _loader(data, cfg):
+            now = time.time()
+            schedule.update(step, now, t_start)
+            if schedule.done(step, now, t_start):
+                break
+            if progress.total != schedule.total:
+                progress.set_total(schedule.total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, schedule.decay_start, schedule.total)
+            prototypes = draw_prototypes(bank, data, np.random.default_rng([cfg.seed, step, 11]),
+                                         cfg.name_caption_p) if cfg.sample_captions else fixed
+            losses.append(train_step(model, optimizer, pixels, targets, prototypes, cfg))
+            step += 1
+            seen += len(pixels)
+            progress.update(1, loss=float(np.mean(losses[-cfg.log_every:])), scale=model.logit_scale.detach().exp(),
+                            lr=optimizer.param_groups[0]["lr"], images=seen)
     elapsed = time.time() - t_start
     return {"steps_done": step, "decay_start": schedule.decay_start, "total_steps": schedule.total,
             "images_seen": seen, "seconds": round(elapsed, 1),
@@ -477,13 +484,6 @@ def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig) -> dict
             "loss_curve": [round(float(np.mean(losses[i:i + cfg.log_every])), 4)
                            for i in range(0, len(losses), cfg.log_every)],
             "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
-
-
-def _log_progress(step, total, losses, model, optimizer, seen, elapsed, cfg: TrainConfig) -> None:
-    log.info("step %d/%s loss %.3f (mean of last %d) scale %.1f lr %.2e %.0f img/s %.1f min",
-             step, total, float(np.mean(losses[-cfg.log_every:])), cfg.log_every,
-             float(model.logit_scale.detach().exp()), optimizer.param_groups[0]["lr"],
-             seen / max(elapsed, 1e-9), elapsed / 60)
 
 
 def _reproduce_command(command: Sequence[str], loop: dict) -> str:
@@ -557,7 +557,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(argv)
     sidecar = train(cfg, ["python", "-m", "curation.emoji.train", *argv])

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+
+from curation.progress import Progress
 
 DEFAULT_SHARD_SIZE = 16384
 
@@ -55,7 +57,13 @@ def _load(path: Path) -> np.ndarray | None:
 
 
 class CachedTextEncoder:
-    """Wraps an encoder; `encode_text` returns cached rows when this model has seen the texts."""
+    """Wraps an encoder; `encode_text` returns cached rows when this model has seen the texts.
+
+    Without `map_shards`, missing shards are encoded here by `encoder.encode_text(shard,
+    progress=...)` (a `ClipEncoder`), which counts every batch. `map_shards(encode, shards)` (e.g.
+    `ray_data.ray_map_shards`) encodes them elsewhere and yields their rows in order as they
+    finish; the shards then report their own batches, and this encoder counts each shard as it
+    arrives."""
 
     def __init__(self, encoder, cache_dir: str | Path | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                  map_shards: Callable | None = None):
@@ -75,17 +83,31 @@ class CachedTextEncoder:
         return self.cache_dir / f"{shard_key(self.cache_tag, texts)}.safetensors"
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Rows of `texts` [n, d]: cached shards read, the others encoded and cached; progress as
+        texts to encode (cached shards skipped as an extra)."""
         texts = list(texts)
         shards = [texts[i:i + self.shard_size] for i in range(0, len(texts), self.shard_size)]
         cached = [_load(self._path(shard)) for shard in shards]
         missing = [shard for shard, rows in zip(shards, cached) if rows is None]
         self.hits += len(shards) - len(missing)
         self.misses += len(missing)
-        encoded = iter((self.map_shards or map)(self.encoder.encode_text, missing))
         out = []
-        for shard, rows in zip(shards, cached):
-            if rows is None:
-                rows = np.asarray(next(encoded), dtype=np.float32)
-                _save(self._path(shard), rows)
-            out.append(rows)
+        with Progress("encoding texts", sum(map(len, missing)), "texts",
+                      cached_shards_skipped=len(shards) - len(missing)) as own:
+            encoded = self._encode_shards(missing, own)
+            for shard, rows in zip(shards, cached):
+                if rows is None:
+                    rows = np.asarray(next(encoded), dtype=np.float32)
+                    _save(self._path(shard), rows)
+                out.append(rows)
         return np.concatenate(out)
+
+    def _encode_shards(self, shards: list[list[str]], progress: Progress) -> Iterator[np.ndarray]:
+        if self.map_shards is None:
+            return (self.encoder.encode_text(shard, progress=progress) for shard in shards)
+        return (_counted(rows, progress) for rows in self.map_shards(self.encoder.encode_text, shards))
+
+
+def _counted(rows: np.ndarray, progress: Progress) -> np.ndarray:
+    progress.update(len(rows))
+    return rows
