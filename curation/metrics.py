@@ -68,3 +68,13 @@ def threshold_at_tpr(scores, labels, tpr: float = 0.95) -> float:
     positives = np.sort(scores[labels])[::-1]
     needed = int(np.ceil(tpr * len(positives)))
     return float(positives[max(needed, 1) - 1])
+
+
+def threshold_for_rate(scores, rate: float) -> float:
+    """Smallest threshold (score >= t flagged) that flags at most `rate` of `scores` (ties are
+    never split): the `quantile` threshold strategy, and the report's "what would remove 1%"."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float32).ravel())[::-1]
+    allowed = int(np.floor(rate * len(ordered)))
+    if allowed >= len(ordered):
+        return float(ordered[-1]) if len(ordered) else 0.0
+    return float(np.nextafter(np.float32(ordered[allowed]), np.float32(np.inf)))

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,19 @@ def stand_in_handler(status: int = 200, requests_served: list | None = None):
             pass
 
     return Handler
+
+
+@contextlib.contextmanager
+def http_server(handler):
+    """A threaded local HTTP server for the handler class; yields its `127.0.0.1:port`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _free_port() -> int:

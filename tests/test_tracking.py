@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from curation.tracking import (
     resolve_tracking_uri,
     roc_points,
 )
-from mlflow_server import stand_in_handler
+from mlflow_server import http_server, stand_in_handler
 
 SECRET = "s3cr3t-do-not-log"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -275,17 +272,9 @@ def test_check_reachable_closed_port_fails_in_seconds_without_password():
     assert "mlflow server" in message and "tracking.uri" in message
 
 
-@contextlib.contextmanager
 def _http_server(status: int, requests_served: list):
     """A local HTTP server answering every GET with `status` (stands in for MLflow or a stranger)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), stand_in_handler(status, requests_served))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return http_server(stand_in_handler(status, requests_served))
 
 
 def test_check_reachable_answers_by_status():

@@ -15,8 +15,12 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -134,12 +138,14 @@ def _opened(data: bytes, max_pixels: int):
         return DecodeError("corrupt", f"{type(e).__name__}: {e}")
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | DecodeError:
-    """Decode + resize + center-crop one image; never raises for a bad image.
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_px: int | None = None) -> Image.Image | DecodeError:
+    """Untrusted bytes -> an 8-bit RGB PIL image, or a DecodeError; never raises for a bad image.
 
-    Returns uint8 of shape (image_size, image_size, 3), or a DecodeError. Images with more than
-    `max_pixels` pixels (width*height from the header) are refused before decoding; PIL's own
-    limit (Image.MAX_IMAGE_PIXELS, ~89M) also applies, since we change no global state.
+    Images with more than `max_pixels` pixels (width*height from the header) are refused before
+    decoding; PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89M) also applies, since we change no
+    global state. `draft_px` lets JPEG decode at a reduced scale no smaller than that size (a
+    thumbnail of a 24 MP photo then costs a fraction of a full decode); None decodes exactly.
     """
     from PIL import Image
 
@@ -147,6 +153,8 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
     if isinstance(image, DecodeError):
         return image
     try:
+        if draft_px:
+            image.draft("RGB", (draft_px, draft_px))
         _load(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return DecodeError("too_large", f"{type(e).__name__}: {e}")
@@ -155,10 +163,20 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error ...
         return _classify_load_error(e)
     try:
-        rgb = to_rgb(image)
+        return to_rgb(image)
     except Exception as e:  # noqa: BLE001 - exotic modes (LAB, F) PIL cannot convert
         return DecodeError("unsupported", f"mode {image.mode}: {type(e).__name__}: {e}")
-    return resize_center_crop(rgb, image_size)  # outside the try: a broken install must raise
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | DecodeError:
+    """Decode + resize + center-crop one image; never raises for a bad image (see `decode_rgb`).
+
+    Returns uint8 of shape (image_size, image_size, 3), or a DecodeError.
+    """
+    rgb = decode_rgb(data, max_pixels)
+    if isinstance(rgb, DecodeError):
+        return rgb
+    return resize_center_crop(rgb, image_size)  # outside decode_rgb's guards: a broken install must raise
 
 
 def normalize_pixels(batch_uint8: np.ndarray, mean, std):
