@@ -1,4 +1,5 @@
-"""The only module that talks to MLflow: one small tracker the driver opens once per run.
+"""MLflow runs: one small tracker the driver opens once per run, and the bounded client every
+other MLflow call goes through (`client`; the Model Registry side lives in `curation.registry`).
 
 Why a wrapper: MLflow rejects long param values, over-full batches and non-finite metrics with
 errors that surface at the end of a long run, it would happily store a storage secret given in
@@ -41,8 +42,10 @@ PROBE_TIMEOUT_S = 5.0
 # request (mlflow.utils.rest_utils.http_request); its defaults, 7 retries with backoff factor 2 and
 # a 120 s timeout, make a vanished server cost ~4 minutes, these a few seconds. It also prints
 # "View run ... at <tracking URI>" to stdout, password included: the Tracker logs it redacted.
+# Its artifact downloads (registered detectors) draw progress bars into the job's log.
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed param/metric name characters
 
 
@@ -154,6 +157,17 @@ def _client_env():
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def client(tracking_uri: str | None):
+    """A plain MlflowClient for the store `tracking_uri` names (resolved as for runs; the Model
+    Registry lives in the same store), with CLIENT_ENV's bounded retries while open: for the
+    registry calls of `curation.registry`, which belong to no run."""
+    import mlflow
+
+    with _client_env():
+        yield mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
 class TrackingError(RuntimeError):
