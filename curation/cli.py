@@ -4,6 +4,8 @@
     curation train    --config ...      fit detectors only
     curation rescore  --scores <run dir> --config ...
     curation evaluate --config ... --set evaluation.wanted_uri=... --set evaluation.unwanted_uri=...
+    curation promote  --detector <registered name> --version N --alias production [--config ...]
+    curation report   --run <run dir> [--config ...]   rebuild a finished run's audit report
     curation demo     build the offline demo data and run curate on it
 
 Exit status: 0 done; 1 failed, or MLflow tracking failed after the outputs were complete, or
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import traceback
 
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                             ("train", "fit the configured detectors (text only) and log them"),
                             ("rescore", "apply detectors/thresholds to a previous run's stored embeddings"),
                             ("evaluate", "AUROC / FPR@95 on labelled wanted and unwanted images"),
+                            ("promote", "point an alias of a registered detector (e.g. production) at a version"),
+                            ("report", "rebuild the audit report (report/index.html) of a finished run; no embedding"),
                             ("demo", "offline demo: build demo data, run curate on the embedded defaults")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default=None if name != "demo" else "configs/demo.yaml",
@@ -36,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                              help="override any config field, e.g. --set source.uri=s3://bucket/prefix")
         if name == "rescore":
             command.add_argument("--scores", required=True, help="run directory of a previous curate run")
+        if name == "report":
+            command.add_argument("--run", required=True, help="run directory of a finished curate or rescore run; "
+                                 "the source and its options come from its _config.json unless --config/--set")
+        if name == "promote":
+            command.add_argument("--detector", required=True, help="registered model name, as `train` printed it")
+            command.add_argument("--version", required=True, type=int, help="version to point the alias at")
+            command.add_argument("--alias", required=True, help="e.g. production (configs use models:/<name>@<alias>)")
     return parser
 
 
@@ -70,11 +80,10 @@ def report(summary: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from curation import secrets, workflow
+    from curation.progress import configure_logging
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(secrets.RedactFilter())
+    configure_logging()  # before Ray is imported: it reads its log settings then
+    from curation import secrets, workflow
     from curation.config import ConfigError, load_config
 
     try:
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             from curation.demo import run_demo
 
             return run_demo(args.config, args.overrides)
-        cfg = load_config(args.config, args.overrides)
+        cfg = None if args.command == "report" else load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {secrets.redact_text(str(err))}", file=sys.stderr)
         return 2
@@ -93,8 +102,19 @@ def main(argv: list[str] | None = None) -> int:
             return report(workflow.rescore(cfg, args.scores))
         if args.command == "train":
             print(json.dumps(workflow.train(cfg), indent=2, default=str))
+        elif args.command == "report":
+            from curation.report import rebuild
+
+            print(json.dumps(rebuild(args.run, args.config, args.overrides), indent=2))
+        elif args.command == "promote":
+            from curation import registry
+
+            print(json.dumps(registry.promote(cfg, args.detector, args.version, args.alias), indent=2))
         else:
             print(json.dumps(workflow.evaluate(cfg), indent=2))
+    except ConfigError as err:  # `report` reads its config (--config/--set or the run's record) here
+        print(f"config error: {secrets.redact_text(str(err))}", file=sys.stderr)
+        return 2
     except _explained_errors() as err:
         print(f"curation {args.command}: {type(err).__name__}: {secrets.redact_text(str(err))}", file=sys.stderr)
         return 1
@@ -108,12 +128,15 @@ def _explained_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what happened and what to do: one line, no traceback."""
     from curation.pipeline.lease import RunLockedError
     from curation.pipeline.plan import OutputConflictError
+    from curation.registry import RegistryError
+    from curation.report import NotARunError
     from curation.storage import StorageUnreachableError
     from curation.tracking import TrackingUnreachableError
     from curation.workflow import CalibrationError, ClusterPathError, JobPathError, NoInputsError
 
     return (RunLockedError, OutputConflictError, StorageUnreachableError, TrackingUnreachableError,
-            CalibrationError, ClusterPathError, JobPathError, NoInputsError)
+            CalibrationError, ClusterPathError, JobPathError, NoInputsError, RegistryError,
+            NotARunError)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 # They name the field relative to their dataclass (`value: ...`); `from_dict` prefixes the path
 # (`detectors[0].threshold.value: ...`), so `--set` overrides and YAML get the same message.
 DETECTOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+# A detector in the MLflow Model Registry: a fixed version, or an alias resolved at run start.
+REGISTERED_URI = re.compile(r"models:/(?P<name>[\w.-]+)(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>[\w-]+))")
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -108,26 +110,75 @@ class ThresholdConfig:
             raise ConfigError(f"value: must be {what} in {interval}, got {value!r}")
 
 
+DetectorKind = Literal["hftt", "neglabel", "mcm"]
+# What a registered detector was fitted from: its artifact holds them, a config giving them too would
+# be ignored. (Its kind and side may be given: they are checked against the registered version.)
+REGISTRY_PROVIDES = ("task_texts", "task_file", "corpus", "params")
+
+
+def parse_registered(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/<name>/<version>` -> (name, version, None); `models:/<name>@<alias>` -> (name, None, alias)."""
+    match = REGISTERED_URI.fullmatch(uri)
+    if match is None:
+        raise ConfigError(f"registered: {uri!r} is not a registered detector URI; use models:/<name>/<version> "
+                          "or models:/<name>@<alias>, e.g. models:/food-hftt@production")
+    return match["name"], match["version"], match["alias"]
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
-    kind: Literal["hftt", "neglabel", "mcm"]
+    """A detector fitted from text (`kind`, `task_texts`/`task_file`, `corpus`, `params`), or one
+    already registered in the MLflow Model Registry (`registered: models:/<name>@<alias>` or
+    `/<version>`), which brings its kind, side, texts, params and threshold rule. With `registered`,
+    `name` may be set, `threshold` overrides the registered rule, `kind`/`side` are checked against
+    the registered version; `curation.registry.resolve` fills in what the config leaves out."""
+
+    kind: DetectorKind | None = None
     name: str | None = None
-    side: Literal["wanted", "unwanted"] = "wanted"
+    registered: str | None = None
+    side: Literal["wanted", "unwanted"] | None = None  # None: "wanted", or the registered side
     task_texts: list[str] = field(default_factory=list)
     task_file: str | None = None
     corpus: str = "wamerican-huge"
     params: dict = field(default_factory=dict)
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    # kind, side and threshold are None only on a registered detector that `curation.registry.resolve`
+    # has not yet filled in from its registered version.
+    threshold: ThresholdConfig | None = None
 
     def __post_init__(self):
         # The name becomes a file name, a column name and an item of the comma-joined `fired` list.
         if self.name is not None and not DETECTOR_NAME.fullmatch(self.name):
             raise ConfigError(f"name: {self.name!r} is not a valid detector name: use 1-64 letters, digits, "
                               "'_' or '-' (not first), no '/', '.', ',' or whitespace")
+        if self.registered is not None:
+            self._check_registered()
+        elif self.kind is None:
+            raise ConfigError(f"kind: required, one of {list(typing.get_args(DetectorKind))} (or give "
+                              "`registered: models:/<name>@<alias>` for a registered detector)")
+        else:  # the defaults of a detector fitted from text (frozen: set once, here)
+            object.__setattr__(self, "side", self.side or "wanted")
+            object.__setattr__(self, "threshold", self.threshold or ThresholdConfig())
+
+    def _check_registered(self) -> None:
+        name, _, _ = parse_registered(self.registered)
+        given = [f.name for f in dataclasses.fields(self)
+                 if f.name in REGISTRY_PROVIDES and getattr(self, f.name) != _field_default(f)]
+        if given:
+            raise ConfigError(f"registered: a registered detector was fitted from its own {', '.join(given)}; "
+                              f"remove {'it' if len(given) == 1 else 'them'} (name, threshold, kind and side may "
+                              "be set)")
+        if self.name is None and not DETECTOR_NAME.fullmatch(name):
+            raise ConfigError(f"name: the registered model name {name!r} cannot serve as the detector name (a "
+                              "column and file name: 1-64 letters, digits, '_' or '-'); set name")
 
     @property
     def label(self) -> str:
-        return self.name or self.kind
+        """The detector's name in outputs (`score_<label>`): `name`, else the registered model's name, else kind."""
+        return self.name or (parse_registered(self.registered)[0] if self.registered else self.kind)
 
 
 @dataclass(frozen=True)
@@ -145,23 +196,34 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """MLflow: `uri` of the tracking store (also the Model Registry); `curation train` registers
+    each detector as a version of the registered model `<registry_prefix><detector label>`."""
+
     uri: str | None = None
     experiment: str = "curation"
+    registry_prefix: str = ""
+
+    def __post_init__(self):
+        # prefix + label stays usable as a detector label (a registered detector's default name)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{0,32}", self.registry_prefix):
+            raise ConfigError(f"registry_prefix: {self.registry_prefix!r} must be 0-32 letters, digits, '_' or '-'")
 
 
 @dataclass(frozen=True)
 class ComputeConfig:
-    """Ray resources. `gpus_per_actor` None = 1 when the cluster has GPUs, else 0. Actors take
-    fractional CPUs so read tasks always find a core (a full pool deadlocks reads on small nodes).
-    `torch_threads` lets a CPU actor use more threads than its CPU share (Ray pins a 1-CPU actor
-    to one thread), e.g. when decoding leaves cores idle."""
+    """Ray resources for the image stream. None (the default) follows the cluster when the stream
+    starts (`ray_data.resolve_compute`): one actor per GPU, or on CPUs enough actors to use every
+    core with their torch threads, so nobody has to tune a cluster to use it. Actors reserve
+    fractional CPUs so decode tasks always find a core (a full pool deadlocks reads on small nodes);
+    `torch_threads` lets a CPU actor use more threads than it reserves (Ray pins a 1-CPU actor to
+    one thread), since decoding leaves those cores idle most of the time."""
 
     ray_address: str | None = None
-    actors: int = 1
-    cpus_per_actor: float = 1.0
+    actors: int | None = None
+    cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
     decode_cpus: float = 0.5
-    torch_threads: int | None = None  # CPU actors: None = Ray's default (OMP_NUM_THREADS from num_cpus)
+    torch_threads: int | None = None
     # Local paths (source, output, evaluation images) are on storage every Ray node mounts at the
     # same path (NFS, Lustre). Without it a cluster of several nodes refuses local paths: each node
     # would read and write its own disk.
@@ -202,8 +264,13 @@ class RunConfig:
         relevant = {k: to_dict(self)[k] for k in ("model", "detectors")}
         relevant["source"] = {k: v for k, v in to_dict(self.source).items() if k in DECISION_SOURCE_FIELDS}
         relevant["model"].pop("batch_size"), relevant["model"].pop("device")
-        for det in relevant["detectors"]:  # a guard, not a decision: lowering it resumes the same run
-            det["threshold"].pop("min_sample")
+        for det in relevant["detectors"]:
+            if det["registered"] is None:  # runs from before registered detectors keep their hash
+                det.pop("registered")
+            elif "@" in det["registered"] or det["threshold"] is None:
+                raise ValueError(f"{det['registered']}: resolve registered detectors to a version and threshold "
+                                 "(curation.registry.resolve) before hashing the decision")
+            det["threshold"].pop("min_sample")  # a guard, not a decision: lowering it resumes the same run
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -335,6 +402,9 @@ def _finalize_detectors(config: RunConfig, base: Path) -> RunConfig:
     the run records its texts."""
     detectors = []
     for i, det in enumerate(config.detectors):
+        if det.registered:  # kind, params and texts come from the registry
+            detectors.append(det)
+            continue
         _check_params(det, f"detectors[{i}]")
         texts = list(det.task_texts)
         if det.task_file:

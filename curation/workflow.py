@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from curation import secrets, storage, tracking
+from curation import registry, secrets, storage, tracking
 from curation.config import DetectorConfig, RunConfig, ThresholdConfig, to_dict
+from curation.metrics import threshold_for_rate
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.lease import RunLease, RunLockedError
 from curation.pipeline.plan import OutputConflictError, Partition, RunDirectory, make_partitions, plan, relative_inputs
 from curation.pipeline.read import read_parquet_table
-from curation.pipeline.write import FAILED, write_partition
+from curation.pipeline.write import FAILED, KEEP, REMOVE, write_partition
+from curation.progress import Progress
 
 log = logging.getLogger("curation")
 NEVER = math.inf  # threshold that never fires: used while only scores are wanted
@@ -42,11 +44,14 @@ def build_detector(det: DetectorConfig):
 def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) -> dict[str, bytes]:
     """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached)."""
     from curation.detectors.base import detector_to_files
+    from curation.progress import ensure_worker_logging
     from curation.text.cache import CachedTextEncoder
     from curation.text.corpora import load_word_corpus
 
     import torch
 
+    ensure_worker_logging()
+    log.info("fitting %s detector %r", det.kind, det.label)
     # On a GPU the task encodes its own shards; on CPUs, shards fan out over Ray Tasks.
     map_shards = None if torch.cuda.is_available() else ray_data.ray_map_shards(model_cfg)
     encoder = CachedTextEncoder(ray_data._worker_model(model_cfg), Path(cache_dir) / "text", map_shards=map_shards)
@@ -76,12 +81,18 @@ def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
 
 def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, bool]]:
     """Artifacts of every configured detector: reused from the cache when config and model match
-    and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached."""
+    and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached.
+    Registered detectors (resolved by `registry.resolve`) are downloaded, never fitted."""
     root, identity = cache_root(cfg) / "detectors", model_identity(cfg.model)
-    keys = [detector_key(cfg.model, det) for det in cfg.detectors]
-    cached = [_cached_artifact(root / key, identity) for key in keys]
+    keys = [None if det.registered else detector_key(cfg.model, det) for det in cfg.detectors]
+    cached = [registry.fetch(cfg, det) if det.registered else _cached_artifact(root / key, identity)
+              for det, key in zip(cfg.detectors, keys)]
     todo = [(cfg.model, det, str(cache_root(cfg))) for det, files in zip(cfg.detectors, cached) if files is None]
     gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
+    if todo:
+        reused = [d.label for d, files in zip(cfg.detectors, cached) if files is not None]
+        log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
+                 ", ".join(d.label for _, d, _ in todo), ", ".join(reused) or "none")
     fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
     artifacts = [files if files is not None else _cache_artifact(root / key, next(fitted))
                  for key, files in zip(keys, cached)]
@@ -132,14 +143,18 @@ def preprocess_of(cfg: RunConfig) -> tuple[int, tuple, tuple]:
     return preprocess_config(cfg.model.name, cfg.model.pretrained)
 
 
-def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts,
-                     source=None) -> dict[str, np.ndarray]:
+def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts, source=None,
+                     what: str = "scoring images") -> dict[str, np.ndarray]:
     """Scores of every decodable item in `partitions` of `source` (default: the run's source);
-    no decisions, nothing written."""
+    no decisions, nothing written. Progress reported as `what`."""
     source = source or cfg.source
     never = {det.label: NEVER for det in cfg.detectors}
-    batches = [] if not partitions else list(ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts,
-                                                             never, preprocess_of(cfg)))
+    collector, batches = PartitionCollector(partitions), []
+    with StreamProgress(what, partitions, decided=False) as progress:
+        for batch in ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts, never, preprocess_of(cfg)):
+            finished = [results for _, results in collector.add(batch)]
+            batches.extend(finished)
+            progress.add(batch, len(finished))
     if not batches:
         return {f"score_{d.label}": np.zeros(0, np.float32) for d in cfg.detectors} | {"failed": 0}
     merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -147,24 +162,16 @@ def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts,
     return {f"score_{d.label}": merged[f"score_{d.label}"][ok] for d in cfg.detectors} | {"failed": int((~ok).sum())}
 
 
-def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts) -> dict[str, np.ndarray]:
+def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts,
+                    what: str = "scoring images") -> dict[str, np.ndarray]:
     source = dataclasses.replace(cfg.source, uri=uri, format=fmt, storage_options=options)
     partitions = make_partitions(relative_inputs(uri, options, fmt), fmt, cfg.source.partition_size)
     if not partitions:
         raise ValueError(f"no {fmt} inputs found under {uri}")
-    return score_partitions(cfg, partitions, artifacts, source)
+    return score_partitions(cfg, partitions, artifacts, source, what)
 
 
 # -- thresholds --------------------------------------------------------------------------------
-def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
-    """Smallest threshold that flags at most `rate` of `scores` (ties are never split)."""
-    ordered = np.sort(scores)[::-1]
-    allowed = int(math.floor(rate * len(ordered)))
-    if allowed >= len(ordered):
-        return float(ordered[-1]) if len(ordered) else 0.0
-    return float(np.nextafter(np.float32(ordered[allowed]), np.float32(np.inf)))
-
-
 def rule_threshold(rule: ThresholdConfig, sample: np.ndarray | None = None,
                    wanted: np.ndarray | None = None) -> dict:
     """A threshold and how it was chosen: `fixed` as configured, `quantile` flags `rate` of the
@@ -217,7 +224,8 @@ def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Parti
             pending.append(det)
     if any(d.threshold.strategy == "quantile" for d in pending):
         sample_size = max(d.threshold.sample_size for d in pending)
-        scores = score_partitions(cfg, calibration_partitions(cfg, partitions, sample_size), artifacts)
+        scores = score_partitions(cfg, calibration_partitions(cfg, partitions, sample_size), artifacts,
+                                  what="scoring a sample for quantile thresholds")
         for det in (d for d in pending if d.threshold.strategy == "quantile"):
             sample = scores[f"score_{det.label}"]
             check_calibration_sample(cfg, det, len(sample), scores["failed"], cfg.source.uri)
@@ -232,8 +240,10 @@ def _tpr_thresholds(cfg: RunConfig, detectors: list[DetectorConfig], artifacts) 
     ev = cfg.evaluation
     if not ev.wanted_uri:
         raise ValueError("threshold strategy 'tpr' needs evaluation.wanted_uri (labelled wanted images)")
-    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)
-    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts) if ev.unwanted_uri else None
+    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts,
+                             "scoring labelled wanted images for tpr thresholds")
+    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts,
+                               "scoring labelled unwanted images") if ev.unwanted_uri else None
     out = {}
     for det in detectors:
         keep = wanted[f"score_{det.label}"]
@@ -318,13 +328,15 @@ def _finished_and_unfinished(jobs: list[tuple[Partition, object]]) -> tuple[list
     """Counts of the partitions written, and {partition, reason} of those left for the next run:
     transiently unreadable inputs, or a writer task that failed (its error is the reason)."""
     counts, unfinished = [], []
-    for (partition, _), result in zip(jobs, ray_data.wait_all([ref for _, ref in jobs])):
-        if isinstance(result, Exception):
-            unfinished.append({"partition": partition.id, "reason": f"{type(result).__name__}: {result}"[:2000]})
-        elif "unfinished" in result:
-            unfinished.append({"partition": partition.id, "reason": result["unfinished"][:2000]})
-        else:
-            counts.append(result)
+    with Progress("writing partitions", len(jobs), "partitions") as progress:
+        for (partition, _), result in zip(jobs, ray_data.wait_all([ref for _, ref in jobs])):
+            if isinstance(result, Exception):
+                unfinished.append({"partition": partition.id, "reason": f"{type(result).__name__}: {result}"[:2000]})
+            elif "unfinished" in result:
+                unfinished.append({"partition": partition.id, "reason": result["unfinished"][:2000]})
+            else:
+                counts.append(result)
+            progress.update(1, unfinished=len(unfinished))
     if unfinished:
         log.warning("%d of %d partitions left unfinished (the next run retries them), e.g. %s", len(unfinished),
                     len(jobs), unfinished[0]["reason"])
@@ -363,6 +375,33 @@ class PartitionCollector:
                 yield partition, empty
 
 
+class StreamProgress:
+    """Progress of an image stream. Image folders: images done against the file count. Parquet
+    and WebDataset items are counted only once read: partitions done against the total, items
+    as an extra. Kept/removed/failed so far (only failed while scoring: nothing is decided)."""
+
+    def __init__(self, what: str, partitions: list[Partition], decided: bool = True):
+        self.by_images = bool(partitions) and all(p.format == "images" for p in partitions)
+        total, unit = ((sum(len(p.inputs) for p in partitions), "images") if self.by_images
+                       else (len(partitions), "partitions"))
+        self.counts = dict.fromkeys(("items", "kept", "removed", "failed") if decided else ("items", "failed"), 0)
+        self.progress = Progress(what, total, unit, **self.counts)
+
+    def __enter__(self) -> "StreamProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.progress.close(ok=exc_type is None)
+
+    def add(self, batch: dict[str, np.ndarray], finished_partitions: int) -> None:
+        decisions = batch["decision"]
+        self.counts["items"] += len(decisions)
+        for outcome, key in ((FAILED, "failed"), (KEEP, "kept"), (REMOVE, "removed")):
+            if key in self.counts:
+                self.counts[key] += int((decisions == outcome).sum())
+        self.progress.update(len(decisions) if self.by_images else finished_partitions, **self.counts)
+
+
 def _sum_counts(counts: list[dict], names: list[str]) -> dict:
     total = {k: sum(c.get(k, 0) for c in counts) for k in ("items", "kept", "removed", "failed", "files",
                                                           "failed_files")}
@@ -377,10 +416,12 @@ def curate(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     check_paths_for_ray_job(cfg)
     tracking.check_reachable(cfg.tracking.uri)
+    cfg = registry.resolve(cfg)  # aliases -> versions once, for the whole run
     check_output_outside_source(cfg.source.uri, cfg.output.uri)
     storage.check_reachable(cfg.source.uri, cfg.source.storage_options)
     storage.check_reachable(cfg.output.uri, cfg.output.storage_options)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    registry.check_run_dir(run, cfg)
     with RunLease(run, cfg.output.lease_ttl_s) as lease:  # before Ray starts: a refused run costs nothing
         start_ray(cfg)
         return _curate_leased(cfg, run, lease, started)
@@ -413,13 +454,17 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
     collector, jobs = PartitionCollector(partitions), []
     write_args = (cfg.source, names, cfg.output.store_embeddings)
     values = {n: t["threshold"] for n, t in thresholds.items()}
-    for batch in ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
-                                 values, preprocess_of(cfg)):
-        for n in names:
-            scores[n].append(batch[f"score_{n}"][batch["decision"] != FAILED])
-        for partition, results in collector.add(batch):
-            _check_lease(lease)
-            jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
+    with StreamProgress("curating", partitions) as progress:
+        for batch in ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
+                                     values, preprocess_of(cfg)):
+            for n in names:
+                scores[n].append(batch[f"score_{n}"][batch["decision"] != FAILED])
+            completed = 0
+            for partition, results in collector.add(batch):
+                _check_lease(lease)
+                jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
+                completed += 1
+            progress.add(batch, completed)
     dim = load_artifacts(artifacts[:1])[0].dim_ if artifacts else 0
     for partition, results in collector.unseen(dim, names):
         jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
@@ -433,6 +478,7 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
     summary = {
         "run_name": cfg.run_name, "run_dir": run.uri, "decision_hash": cfg.decision_hash(),
         "model": model_identity(cfg.model), "thresholds": thresholds, "detectors_reused": reused,
+        "registered": registry.pinned(cfg),
         "skipped": skipped, "unfinished": unfinished, "this_run": this_run, "total": total,
         "throughput_items_per_s": this_run["items"] / timings["stream_and_write_s"] if this_run["items"] else 0.0,
         "timings": timings,
@@ -450,9 +496,14 @@ def _loggable(cfg: RunConfig) -> dict:
 def _write_and_track(cfg: RunConfig, run: RunDirectory, summary: dict, artifacts, scores) -> dict:
     """summary.json first, so the outputs are complete whatever MLflow does; then the MLflow run,
     and summary.json again with its outcome: `tracking` {"status": "ok", "run_id"} or
-    {"status": "failed", "error"} (the job still returns; the CLI exits non-zero), `mlflow_run_id`."""
+    {"status": "failed", "error"} (the job still returns; the CLI exits non-zero), `mlflow_run_id`.
+    The audit report (report/) is built in between, from the files written: `report` records
+    {"status": "ok", ...} or {"status": "failed", "error"}; a failed report never fails the run."""
+    from curation.report import try_build
+
     summary = secrets.redact(summary, keys=False)  # URIs in run_dir / rescored_from
     run.write_json(summary | {"tracking": {"status": "pending"}, "mlflow_run_id": None}, "summary.json")
+    summary["report"] = try_build(run, cfg.source)
     try:
         run_id = _track_curate(cfg, summary, artifacts, scores)
         summary["tracking"] = {"status": "ok", "run_id": run_id}
@@ -493,7 +544,8 @@ def _detector_params(artifacts) -> dict:
 def _track_curate(cfg: RunConfig, summary: dict, artifacts, scores: dict[str, np.ndarray]) -> str:
     from curation.tracking import Tracker, flatten
 
-    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags={"job": "curate"}) as tracker:
+    tags = {"job": "curate"} | registry.run_tags(cfg)
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags=tags) as tracker:
         tracker.log_params(flatten({"config": _loggable(cfg), "model_identity": summary["model"],
                                     "detector": _detector_params(artifacts)}))
         metrics = {f"threshold.{n}": t["threshold"] for n, t in summary["thresholds"].items()}
@@ -511,15 +563,23 @@ def _track_curate(cfg: RunConfig, summary: dict, artifacts, scores: dict[str, np
         with tempfile.TemporaryDirectory() as tmp:
             for name, path in _detector_dirs(artifacts, Path(tmp)).items():
                 tracker.log_artifacts(str(path), f"detectors/{name}")
+        if summary["report"]["status"] == "ok":
+            from curation.report import mlflow_copy
+
+            run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+            with tempfile.TemporaryDirectory() as tmp:
+                tracker.log_artifacts(mlflow_copy(run, Path(tmp)), "report")
         tracker.log_dict(summary, "summary.json")
         return tracker.run_id
 
 
 # -- train / rescore / evaluate ----------------------------------------------------------------
 def train(cfg: RunConfig) -> dict:
-    """Fit the configured detectors only; artifacts to the cache, the run directory and MLflow."""
+    """Fit the configured detectors only; artifacts to the cache, the run directory and MLflow,
+    where each becomes a new version of a registered model (`registry.register`)."""
     from curation.tracking import Tracker, flatten
 
+    registry.refuse_registered(cfg)
     tracking.check_reachable(cfg.tracking.uri)
     start_ray(cfg)
     tick = time.perf_counter()
@@ -537,7 +597,8 @@ def train(cfg: RunConfig) -> dict:
             for name, path in _detector_dirs(artifacts, Path(tmp)).items():
                 tracker.log_artifacts(str(path), f"detectors/{name}")
         run_id = tracker.run_id
-    return {"detectors": run.path("detectors"), "reused": reused, "mlflow_run_id": run_id}
+        registered = registry.register(cfg, artifacts, _detector_params(artifacts), run_id)
+    return {"detectors": run.path("detectors"), "reused": reused, "mlflow_run_id": run_id, "registered": registered}
 
 
 def stored_results(previous: RunDirectory, pid: str) -> dict[str, np.ndarray]:
@@ -566,6 +627,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
 
     tick = time.perf_counter()
     tracking.check_reachable(cfg.tracking.uri)
+    cfg = registry.resolve(cfg)
     previous = RunDirectory(scores_uri, "", cfg.output.storage_options)
     owner = previous.read_json("_config.json")
     if owner is None:
@@ -582,6 +644,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     stored = {pid: stored_results(previous, pid) for pid in partitions}
     thresholds = _rescore_thresholds(cfg, detectors, stored, artifacts)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
+    registry.check_run_dir(run, cfg)
     values = {n: t["threshold"] for n, t in thresholds.items()}
     with RunLease(run, cfg.output.lease_ttl_s):
         run.claim(cfg.decision_hash(), _loggable(cfg))
@@ -596,7 +659,8 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
                    "model": previous_model, "thresholds": thresholds, "unfinished": unfinished,
                    "this_run": this_run, "total": this_run,
                    "throughput_items_per_s": this_run["items"] / (time.perf_counter() - tick),
-                   "timings": {"total_s": time.perf_counter() - tick}, "detectors_reused": {}}
+                   "timings": {"total_s": time.perf_counter() - tick}, "detectors_reused": {},
+                   "registered": registry.pinned(cfg)}
         scores = {n: np.concatenate([r[f"score_{n}"][r["error_kind"] == ""] for r in stored.values()]) if stored
                   else np.zeros(0) for n in names}
         return _write_and_track(cfg, run, summary, artifacts, scores)
@@ -628,10 +692,12 @@ def evaluate(cfg: RunConfig) -> dict:
     if not (ev.wanted_uri and ev.unwanted_uri):
         raise ValueError("evaluate needs evaluation.wanted_uri and evaluation.unwanted_uri")
     tracking.check_reachable(cfg.tracking.uri)
+    cfg = registry.resolve(cfg)
     start_ray(cfg)
     artifacts, _ = fitted_detectors(cfg)
-    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts)
-    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts)
+    wanted = score_image_set(cfg, ev.wanted_uri, ev.format, ev.storage_options, artifacts, "scoring wanted images")
+    unwanted = score_image_set(cfg, ev.unwanted_uri, ev.format, ev.storage_options, artifacts,
+                               "scoring unwanted images")
     report, all_scores = {}, {}
     for det in cfg.detectors:
         w, u = wanted[f"score_{det.label}"], unwanted[f"score_{det.label}"]
@@ -650,7 +716,8 @@ def evaluate(cfg: RunConfig) -> dict:
         }
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
     run.write_json(report, "evaluation.json")
-    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags={"job": "evaluate"}) as tracker:
+    tags = {"job": "evaluate"} | registry.run_tags(cfg)
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, tags=tags) as tracker:
         tracker.log_params(flatten({"config": _loggable(cfg), "model_identity": model_identity(cfg.model),
                                     "detector": _detector_params(artifacts)}))
         tracker.log_metrics({f"{name}.{k}": v for name, r in report.items() for k, v in r.items()
@@ -658,4 +725,5 @@ def evaluate(cfg: RunConfig) -> dict:
         tracker.log_roc_curves(all_scores, np.r_[np.zeros(len(w)), np.ones(len(u))])
         tracker.log_score_histograms(all_scores, {n: r["threshold"] for n, r in report.items()})
         tracker.log_dict(report, "evaluation.json")
+    registry.attach_evaluation(cfg, report, tracker.run_id)
     return report

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from curation.models import ModelConfig, WeightsUnavailableError, load_model, model_identity
+from curation.models import ModelConfig, load_model, model_identity
 from curation.text.cache import CachedTextEncoder
 
 PROMPTS = ["a photo of a dog.", "the nice ice cream cone", "This is a photo of a antidisestablishmentarianism."]

@@ -7,7 +7,10 @@ to the driver, which groups rows by partition and hands finished partitions to w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
+import math
 import os
 from typing import Callable, Iterator
 
@@ -16,6 +19,8 @@ import numpy as np
 from curation.config import ComputeConfig, SourceConfig
 from curation.models import ModelConfig
 from curation.pipeline.plan import Partition
+
+log = logging.getLogger("curation")
 
 
 def init_ray(address: str | None = None) -> None:
@@ -37,9 +42,42 @@ def in_ray_job() -> bool:
 
 
 def alive_nodes() -> int:
+    return len(node_cpus())
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the cluster."""
     import ray
 
-    return sum(1 for node in ray.nodes() if node["Alive"])
+    return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+
+
+MAX_THREADS_PER_ACTOR = 8  # past this, one more actor embeds faster than more threads in one
+DECODE_SHARE = 0.25  # of a node's CPUs kept free of actor reservations for decode and writer tasks
+
+
+def resolve_compute(compute: ComputeConfig, cpus_per_node: list[float], gpus: float) -> ComputeConfig:
+    """`compute` with every unset (None) field chosen for this cluster; set fields are kept.
+
+    GPUs: one actor per GPU, 1 CPU each (decoding fans out over the remaining CPUs). CPUs only:
+    threads per actor up to MAX_THREADS_PER_ACTOR, enough actors per node to cover its cores, each
+    reserving its share of what decoding leaves. A 2-CPU node gets one actor reserving 1.25 CPUs and
+    running 2 torch threads (a 1-CPU actor is pinned to one thread: half the plain loop's speed).
+    The smallest node decides, so an actor fits on every node."""
+    fill = {}
+    if gpus and compute.gpus_per_actor != 0:
+        gpus_per_actor = compute.gpus_per_actor or 1.0
+        fill = {"gpus_per_actor": gpus_per_actor, "actors": max(1, int(gpus // gpus_per_actor)), "cpus_per_actor": 1.0}
+    else:
+        node = max(1.0, min(cpus_per_node or [1.0]))
+        nodes = max(1, len(cpus_per_node))
+        per_node = (math.ceil(compute.actors / nodes) if compute.actors
+                    else max(1, int(node // min(node, MAX_THREADS_PER_ACTOR))))
+        reserve = max(compute.decode_cpus + 0.25, DECODE_SHARE * node)
+        fill = {"gpus_per_actor": 0.0, "actors": per_node * nodes,
+                "cpus_per_actor": max(0.25, (node - reserve) / per_node),
+                "torch_threads": max(1, int(node // per_node))}
+    return dataclasses.replace(compute, **{k: v for k, v in fill.items() if getattr(compute, k) is None})
 
 
 def cluster_gpus() -> float:
@@ -57,12 +95,15 @@ def run_tasks(fn: Callable, arg_lists: list[tuple], num_cpus: float = 1.0, num_g
 
 
 def ray_map_shards(model_cfg: ModelConfig) -> Callable:
-    """A `map` for CachedTextEncoder: encode text shards in parallel Ray Tasks."""
+    """A `map` for CachedTextEncoder: encode text shards in parallel Ray Tasks, yielding each
+    shard's rows in order as soon as it is done (so it is cached and counted then)."""
 
     def map_shards(_encode, shards):
-        if not shards:
-            return []
-        return run_tasks(_encode_shard, [(model_cfg, shard) for shard in shards], num_cpus=1.0)
+        import ray
+
+        refs = [submit(_encode_shard, model_cfg, shard, f"encoding text shard {i} of {len(shards)}", num_cpus=1.0)
+                for i, shard in enumerate(shards, 1)]
+        return (ray.get(ref) for ref in refs)
 
     return map_shards
 
@@ -74,8 +115,12 @@ def _worker_model(model_cfg: ModelConfig):
     return load_model(model_cfg)
 
 
-def _encode_shard(model_cfg: ModelConfig, texts: list[str]) -> np.ndarray:
-    return _worker_model(model_cfg).encode_text(texts)
+def _encode_shard(model_cfg: ModelConfig, texts: list[str], what: str) -> np.ndarray:
+    """Ray Task body: one shard (16k texts: a minute or more on a CPU), its batches reported."""
+    from curation.progress import Progress
+
+    with Progress(what, len(texts), "texts") as progress:
+        return _worker_model(model_cfg).encode_text(texts, progress=progress)
 
 
 class EmbedAndScore:
@@ -134,6 +179,17 @@ def check_no_deadlock(compute: ComputeConfig) -> None:
             "compute.actors or compute.cpus_per_actor (fractions are fine).")
 
 
+def _quiet_ray_data_progress() -> None:
+    """The caller reports the stream's progress (`workflow.StreamProgress`: one bar on a terminal,
+    a line every few seconds elsewhere); Ray Data's own would draw competing bars, or off a
+    terminal log a 9-line status block every 10 s. Its one-time notice that bars are off is
+    dropped too: it tells the user to turn them back on."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
            compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
            preprocess: tuple[int, tuple, tuple]) -> Iterator[dict[str, np.ndarray]]:
@@ -143,15 +199,20 @@ def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelCo
     if not partitions:
         return
     image_size, mean, std = preprocess
-    gpus = compute.gpus_per_actor if compute.gpus_per_actor is not None else (1.0 if cluster_gpus() else 0.0)
+    compute = resolve_compute(compute, node_cpus(), cluster_gpus())
+    log.info("stream: %d actors x %.2f CPUs, %g GPUs, %s torch threads each; decode tasks %.2f CPUs",
+             compute.actors, compute.cpus_per_actor, compute.gpus_per_actor, compute.torch_threads or "default",
+             compute.decode_cpus)
     check_no_deadlock(compute)
+    _quiet_ray_data_progress()
     dataset = ray.data.from_items([{"partition": p.to_json()} for p in partitions],
                                   override_num_blocks=max(len(partitions), 1))
     dataset = dataset.map_batches(
         _decode_batch, batch_size=1, num_cpus=compute.decode_cpus,
         fn_kwargs={"image_size": image_size, "source": source})
     dataset = dataset.map_batches(
-        EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor, num_gpus=gpus,
+        EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor,
+        num_gpus=compute.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
         fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": ray.put(detector_files),
                                "thresholds": thresholds, "mean": mean, "std": std,
@@ -166,15 +227,14 @@ def submit(fn: Callable, *args, num_cpus: float = 0.25):
     return ray.remote(num_cpus=num_cpus)(fn).remote(*args)
 
 
-def wait_all(refs: list) -> list:
-    """Results of Ray Tasks in order; a task that raised gives its exception instead, so one
-    failed task does not hide what the others finished."""
+def wait_all(refs: list) -> Iterator:
+    """Results of Ray Tasks in order, each as soon as it is ready (the caller counts them); a task
+    that raised gives its exception instead, so one failed task does not hide what the others
+    finished."""
     import ray
 
-    results = []
     for ref in refs:
         try:
-            results.append(ray.get(ref))
+            yield ray.get(ref)
         except ray.exceptions.RayTaskError as err:
-            results.append(err)
-    return results
+            yield err
