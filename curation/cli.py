@@ -59,6 +59,9 @@ def print_summary(summary: dict) -> None:
         print(f"  {name:<20} threshold {threshold['threshold']:.4f} ({threshold['strategy']})"
               f"  fired on {summary['this_run']['fired'].get(name, 0)} this run")
     print(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
+    built = summary.get("report", {})
+    print(f"audit report: {built['index']}" if built.get("status") == "ok"
+          else f"audit report not built: {built.get('error')}")
 
 
 def report(summary: dict) -> int:
