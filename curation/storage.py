@@ -9,11 +9,12 @@ input is local and output is on S3. s3fs and pyarrow are imported inside the fun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from curation.secrets import redact_text, secret_values
 
@@ -265,19 +266,45 @@ def is_within(inner: str, outer: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/")
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[BinaryIO]:
     """Temp file in the same folder + rename: readers never see a half-written file."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    with _local_atomic(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def open_for_write(uri: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
+    """A binary handle whose content appears at `uri` only when the block completes without error:
+    a temp file renamed into place locally, an S3 multipart upload completed at close (aborted on
+    error). Writers stream through it instead of building a whole file in memory."""
+    if is_local(uri):
+        with _local_atomic(_local_path(uri)) as handle:
+            yield handle
+        return
+    fs, path = filesystem(uri, storage_options)
+    handle = fs.open(path, "wb")
+    try:
+        yield handle
+    except BaseException:
+        handle.discard()  # aborts the multipart upload: nothing appears at `uri`
+        handle.closed = True  # or fsspec's __del__ would try to complete the discarded upload
+        raise
+    handle.close()
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:

@@ -168,6 +168,31 @@ def test_webdataset_shards_stay_shards(make_config, tmp_path):
     assert sorted(members) == sorted(f"sample{i:03d}{e}" for i in range(5) for e in (".jpg", ".json"))
 
 
+def test_a_shard_larger_than_a_decode_block_is_curated_exactly_once(make_config, tmp_path):
+    """More samples than `DECODE_BLOCK_ITEMS`: the shard travels as several blocks, and its
+    outputs are still one kept and one removed shard with every sample once, in shard order."""
+    import hostile
+    from curation.pipeline.read import DECODE_BLOCK_ITEMS
+
+    source = tmp_path / "shards"
+    source.mkdir()
+    n = DECODE_BLOCK_ITEMS + 44
+    hostile.write_good_shard(source / "big.tar", n, seed=8)
+    summary = workflow.curate(make_config(str(source), "source.format=webdataset", detectors=("mcm",)))
+    assert summary["this_run"]["items"] == n and summary["this_run"]["failed"] == 0
+    run_dir = tmp_path / "out" / "test"
+    scores = pq.read_table(run_dir / "scores")
+    assert sorted(scores.column("position").to_pylist()) == list(range(n))
+    keys = {folder: [name.rsplit(".", 1)[0] for name in tarfile.open(run_dir / folder / "big.tar").getnames()]
+            for folder in ("kept", "removed")}
+    with tarfile.open(source / "big.tar") as tar:
+        order = [name.rsplit(".", 1)[0] for name in tar.getnames()]
+    assert sorted(keys["kept"] + keys["removed"]) == sorted(order)
+    assert all(keys[f] == [k for k in order if k in set(keys[f])] for f in keys)  # shard order kept
+    decided = dict(zip(scores.column("id").to_pylist(), scores.column("decision").to_pylist()))
+    assert sorted(keys["removed"]) == sorted(k for k, d in decided.items() if d == "remove")
+
+
 def test_rescore_applies_new_thresholds_without_clip(make_config, tmp_path):
     source = tmp_path / "images"
     write_rgb_images(source, 10, seed=5)
@@ -232,7 +257,7 @@ def test_missing_object_is_a_recorded_failure(tmp_path):
     write_rgb_images(tmp_path, 2)
     names = sorted(p.name for p in tmp_path.iterdir())
     (partition,) = make_partitions(names + ["vanished.jpg"], "images", 8)
-    columns = decode_partition(partition, SourceConfig(uri=str(tmp_path), max_pixels=10**8), 32)
+    (columns,) = decode_partition(partition, SourceConfig(uri=str(tmp_path), max_pixels=10**8), 32)
     assert columns["error_kind"].tolist() == ["", "", "missing"]
     assert "vanished.jpg" in columns["error_message"][2] or "No such file" in columns["error_message"][2]
     assert (columns["n_items"] == 3).all() and columns["pixels"].shape == (3, 32, 32, 3)

@@ -4,6 +4,8 @@ stable kind, or (transient errors) marked unavailable so its partition is redone
 import errno
 import os
 
+import numpy as np
+
 
 from curation import storage
 from curation.config import SourceConfig
@@ -161,10 +163,27 @@ def test_unavailable_partition_is_not_written(tmp_path, monkeypatch):
     source = SourceConfig(uri=str(tmp_path / "src"), format="parquet", read_attempts=2, retry_backoff_s=0.01)
     partition = Partition("p1", "parquet", ("ok.parquet",))
     _flaky(monkeypatch, 100, TimeoutError("read timed out"))
-    columns = decode_partition(partition, source, 16)
+    (columns,) = decode_partition(partition, source, 16)
     columns |= {"decision": np.array(["failed"], object), "fired": np.array([""], object),
                 "embedding": np.zeros((1, 4), np.float32), "score_x": np.array([np.nan], np.float32)}
     run = RunDirectory(str(tmp_path / "out"), "r")
     result = write_partition(run, partition, columns, source, ["x"], True)
     assert result["partition"] == "p1" and "unavailable" in result["unfinished"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_is_decoded_in_bounded_blocks_that_cover_it_exactly_once(tmp_path):
+    """A large shard never becomes one block of pixels: blocks of at most `block_items` items,
+    positions 0..n-1 once each in order, every row carrying the shard's total for the collector."""
+    hostile.write_good_shard(tmp_path / "big.tar", 23, seed=5)
+    source = SourceConfig(uri=str(tmp_path), format="webdataset")
+    blocks = list(decode_partition(Partition("p", "webdataset", ("big.tar",)), source, 16, block_items=5))
+    assert [len(b["id"]) for b in blocks] == [5, 5, 5, 5, 3]
+    assert all(b["pixels"].shape[0] == len(b["id"]) <= 5 for b in blocks)
+    positions = np.concatenate([b["position"] for b in blocks])
+    assert positions.tolist() == list(range(23))
+    assert all((b["n_items"] == 23).all() for b in blocks)
+    whole = list(decode_partition(Partition("p", "webdataset", ("big.tar",)), source, 16, block_items=100))
+    assert len(whole) == 1 and np.array_equal(whole[0]["pixels"], np.concatenate([b["pixels"] for b in blocks]))
+    (empty,) = decode_partition(Partition("e", "images", ()), source, 16)
+    assert len(empty["id"]) == 0 and empty["pixels"].shape == (0, 16, 16, 3)

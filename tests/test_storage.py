@@ -109,6 +109,23 @@ def test_bounded_reads_never_hold_more_than_the_limit_plus_one(where, s3, tmp_pa
     assert storage.read_bytes(storage.join(root, "empty"), options, max_bytes=10) == b""  # S3: 416 on a range
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_streamed_writes_appear_whole_or_not_at_all(where, s3, tmp_path):
+    root, options = (str(tmp_path), None) if where == "local" else ("s3://test-bucket/streamed", s3)
+    target = storage.join(root, "sub", "big.bin")
+    chunk = os.urandom(1 << 20)
+    with storage.open_for_write(target, options) as handle:
+        for _ in range(6):  # more than one S3 multipart block (5 MiB)
+            handle.write(chunk)
+        assert not storage.exists(target, options)  # nothing visible before the block completes
+    assert storage.read_bytes(target, options) == chunk * 6
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with storage.open_for_write(storage.join(root, "sub", "broken.bin"), options) as handle:
+            handle.write(chunk * 6)
+            raise RuntimeError("writer failed")
+    assert storage.list_files(storage.join(root, "sub"), options) == [target]  # no partial file, no temp file
+
+
 def test_s3_listing_sees_files_written_by_another_process(s3):
     """No stale listing cache: Ray workers write files the driver lists afterwards."""
     import s3fs

@@ -159,10 +159,12 @@ class EmbedAndScore:
 
 
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int, source: SourceConfig):
+    """One partition in, its decoded blocks out (a generator: Ray Data streams each block on as
+    its own output, so a large shard never sits in one block)."""
     from curation.pipeline.read import decode_partition
 
     (descriptor,) = batch["partition"]
-    return decode_partition(Partition.from_json(descriptor), source, image_size)
+    yield from decode_partition(Partition.from_json(descriptor), source, image_size)
 
 
 def check_no_deadlock(compute: ComputeConfig) -> None:

@@ -25,16 +25,12 @@ def fired_list(fired: str) -> list[str]:
     return fired.split(",") if fired else []
 
 
-def _parquet_bytes(table) -> bytes:
+def _write_table(run: RunDirectory, table, *parts: str) -> None:
+    """Stream a parquet file to storage (no second copy of the table's bytes in memory)."""
     import pyarrow.parquet as pq
 
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
-def _write_table(run: RunDirectory, table, *parts: str) -> None:
-    storage.write_bytes(run.path(*parts), _parquet_bytes(table), run.options)
+    with storage.open_for_write(run.path(*parts), run.options) as handle:
+        pq.write_table(table, handle)
 
 
 class SourceUnavailableError(OSError):
@@ -63,15 +59,14 @@ def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) 
         _write_table(run, table.filter(decisions == wanted), folder, name)
 
 
-def _tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
-    sink = io.BytesIO()
-    with tarfile.open(fileobj=sink, mode="w") as tar:
+def _write_tar(uri: str, samples: dict[str, dict[str, bytes]], options: dict) -> None:
+    """Stream the samples' members into a tar at `uri`: never a second copy of the shard in memory."""
+    with storage.open_for_write(uri, options) as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
         for key, members in samples.items():
             for ext, data in members.items():
                 info = tarfile.TarInfo(key + ext)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    return sink.getvalue()
 
 
 def _split_webdataset(run: RunDirectory, source, name: str, results: dict) -> None:
@@ -83,7 +78,7 @@ def _split_webdataset(run: RunDirectory, source, name: str, results: dict) -> No
     decision_of = dict(zip(results["id"], results["decision"]))
     for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
         chosen = {e.key: e.members for e in entries if not e.whole_file and decision_of.get(e.key) == wanted}
-        storage.write_bytes(run.path(folder, name), _tar_bytes(chosen), run.options)
+        _write_tar(run.path(folder, name), chosen, run.options)
 
 
 def _scores_table(results: dict, detector_names: list[str], store_embeddings: bool):
