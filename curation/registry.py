@@ -26,7 +26,6 @@ Model-version tags (strings; JSON where structured), written by `register` and `
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from curation import secrets, tracking
 from curation.config import ConfigError, DetectorConfig, RunConfig, ThresholdConfig, from_dict, parse_registered
+from curation.detectors.base import artifact_checksums
 from curation.models import model_identity
 from curation.pipeline.plan import OutputConflictError, RunDirectory
 
@@ -88,7 +88,7 @@ def _version_tags(identity: str, rule: ThresholdConfig, described: dict, files: 
     detector = {k: described[k] for k in ("kind", "side", "n_task_texts", "params")}
     return {TAG + "model_identity": identity, TAG + "threshold": json.dumps(dataclasses.asdict(rule)),
             TAG + "detector": json.dumps(detector), TAG + "provenance": json.dumps(described["provenance"]),
-            TAG + "sha256": json.dumps(_checksums(files))}
+            TAG + "sha256": json.dumps(artifact_checksums(files))}
 
 
 def _description(label: str, identity: str, rule: ThresholdConfig, described: dict, run_name: str) -> str:
@@ -96,10 +96,6 @@ def _description(label: str, identity: str, rule: ThresholdConfig, described: di
     return (f"{described['kind']} detector {label!r} ({described['side']} side, {described['n_task_texts']} task "
             f"texts) fitted for CLIP model {identity}; threshold rule {threshold}; registered by the train run "
             f"{run_name!r}.")
-
-
-def _checksums(files: dict[str, bytes]) -> dict[str, str]:
-    return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
 
 
 def refuse_registered(cfg: RunConfig) -> None:
@@ -210,7 +206,7 @@ def fetch(cfg: RunConfig, det: DetectorConfig) -> dict[str, bytes]:
     with tracking.client(cfg.tracking.uri) as client:
         tags = client.get_model_version(name, version).tags
         files = _download(client.get_model_version_download_uri(name, version), cfg.tracking.uri)
-    if TAG + "sha256" not in tags or json.loads(tags[TAG + "sha256"]) != _checksums(files):
+    if TAG + "sha256" not in tags or json.loads(tags[TAG + "sha256"]) != artifact_checksums(files):
         raise RegistryError(f"{det.registered}: the files at its source do not match the checksums registered "
                             f"with it (tag {TAG}sha256): the artifact changed after registration; register a "
                             "new version with `curation train`")

@@ -260,7 +260,7 @@ def _scan(run: RunDirectory, names: list[str], thresholds: dict[str, float], per
 
 def _files(run: RunDirectory, folder: str) -> list[str]:
     root = run.path(folder, "")
-    return storage.list_files(root, run.options, (".parquet",)) if storage.exists(root, run.options) else []
+    return storage.list_files(root, run.options, (".parquet",))
 
 
 # -- what other thresholds would do ------------------------------------------------------------
@@ -413,7 +413,7 @@ def write_thumbnails(run: RunDirectory, source: SourceConfig, items: list[dict],
     with ThreadPoolExecutor(THUMB_THREADS) as pool:
         shown = {name: why for outcome in pool.map(unit, groups.values()) for name, why in outcome.items()}
     folder = run.path("report", "thumbs", "")
-    old = storage.list_files(folder, run.options) if storage.exists(folder, run.options) else []
+    old = storage.list_files(folder, run.options)
     storage.remove_many([f for f in old if f[len(folder):] not in shown or shown[f[len(folder):]]], run.options)
     return shown
 

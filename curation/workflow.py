@@ -17,6 +17,7 @@ import numpy as np
 
 from curation import registry, secrets, storage, tracking
 from curation.config import DetectorConfig, RunConfig, ThresholdConfig, to_dict
+from curation.detectors.base import artifact_checksums
 from curation.metrics import threshold_for_rate
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
@@ -105,8 +106,7 @@ def _cache_artifact(directory: Path, files: dict[str, bytes]) -> dict[str, bytes
     (directory / CACHE_RECORD).unlink(missing_ok=True)
     for name, data in files.items():
         (directory / name).write_bytes(data)
-    record = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    (directory / CACHE_RECORD).write_text(json.dumps(record, indent=2))
+    (directory / CACHE_RECORD).write_text(json.dumps(artifact_checksums(files), indent=2))
     return files
 
 
@@ -120,7 +120,8 @@ def _cached_artifact(directory: Path, identity: str) -> dict[str, bytes] | None:
     try:
         record = json.loads((directory / CACHE_RECORD).read_text())
         files = {name: (directory / name).read_bytes() for name in record}
-        corrupt = sorted(n for n, data in files.items() if hashlib.sha256(data).hexdigest() != record[n])
+        checksums = artifact_checksums(files)
+        corrupt = sorted(n for n in files if checksums[n] != record[n])
         if corrupt:
             raise ValueError(f"checksum mismatch in {corrupt}")
         detector_from_files(files, identity)

@@ -173,6 +173,14 @@ def detector_to_files(detector: Detector) -> dict[str, bytes]:
         return {name: (Path(tmp) / name).read_bytes() for name in (ARTIFACT_JSON, ARTIFACT_TENSORS)}
 
 
+def artifact_checksums(files: dict[str, bytes]) -> dict[str, str]:
+    """{file name: sha256} of an artifact: what the detector cache and the Model Registry check
+    an artifact against before trusting it."""
+    import hashlib
+
+    return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+
+
 def detector_from_files(files: dict[str, bytes], model_identity: str | None = None) -> Detector:
     import tempfile
 

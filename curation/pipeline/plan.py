@@ -109,8 +109,8 @@ class RunDirectory:
     def manifest(self) -> dict[str, dict]:
         """Finished partitions: id -> manifest record."""
         folder = self.path("_manifest")
-        files = storage.list_files(folder, self.options, (".json",)) if storage.exists(folder, self.options) else []
-        records = (json.loads(storage.read_bytes(f, self.options)) for f in files)
+        records = (json.loads(storage.read_bytes(f, self.options))
+                   for f in storage.list_files(folder, self.options, (".json",)))
         return {record["partition"]["id"]: record for record in records}
 
     def finish(self, partition: Partition, counts: dict) -> None:
@@ -126,7 +126,7 @@ class RunDirectory:
         stale = []
         for folder in OUTPUT_DIRS:
             root = self.path(folder, "")
-            for file in storage.list_files(root, self.options) if storage.exists(root, self.options) else []:
+            for file in storage.list_files(root, self.options):
                 name = file[len(root):]
                 done = name.split(".")[0] in finished if folder in ("scores", "failed") else name in inputs
                 if not done:

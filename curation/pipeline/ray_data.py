@@ -64,7 +64,6 @@ def resolve_compute(compute: ComputeConfig, cpus_per_node: list[float], gpus: fl
     reserving its share of what decoding leaves. A 2-CPU node gets one actor reserving 1.25 CPUs and
     running 2 torch threads (a 1-CPU actor is pinned to one thread: half the plain loop's speed).
     The smallest node decides, so an actor fits on every node."""
-    fill = {}
     if gpus and compute.gpus_per_actor != 0:
         gpus_per_actor = compute.gpus_per_actor or 1.0
         fill = {"gpus_per_actor": gpus_per_actor, "actors": max(1, int(gpus // gpus_per_actor)), "cpus_per_actor": 1.0}
