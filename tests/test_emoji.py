@@ -239,19 +239,22 @@ def test_training_smoke_writes_weights_and_sidecar(full_catalog, tmp_path, monke
     subset = [e for e in full_catalog if e.subgroup in ("fruit-food", "face-smiling")]
     out = tmp_path / "w" / "tiny.safetensors"
     cfg = train.TrainConfig(out=str(out), steps=3, batch_size=8, workers=0, warmup_steps=2,
-                            vision_cfg=TINY_VISION, log_every=1)
+                            vision_cfg=TINY_VISION, log_every=1, emoji_sets=(), icon_sets=())
     sidecar = train.train(cfg, ["test"], emojis=subset)
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["train"]["steps_done"] == 3
     assert sidecar["eval"]["roundtrip_max_abs_diff"] == 0.0
-    assert sidecar["data"]["trained_emoji"] + sidecar["data"]["held_out_emoji"] == len(subset)
-    assert set(sidecar["eval"]["naming"]) == {"trained", "held_out"}
+    data = sidecar["data"]
+    assert data["trained_emoji"] + data["validation_emoji"] + data["held_out_emoji"] == len(subset)
+    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out", "held_out_no_icon_concept"}
+    assert sidecar["train"]["chosen"] is None  # no checkpoints: the final weights
     assert np.isfinite(sidecar["train"]["loss_last_50"])
 
 
 def test_render_batches_are_a_function_of_seed_and_index(full_catalog):
     from curation.emoji import train
 
-    data = train.prepare_data(train.TrainConfig(), random.Random(0).sample(full_catalog, 40))
+    classic = train.TrainConfig(emoji_sets=(), icon_sets=())
+    data = train.prepare_data(classic, random.Random(0).sample(full_catalog, 40))
     a = train.RenderBatches(data, seed=1, batch_size=4).batch(7)
     b = train.RenderBatches(data, seed=1, batch_size=4, start=1, stride=2).batch(7)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -1,7 +1,6 @@
-"""Deterministic emoji images in three designer-drawn styles, with augmentation, and their captions.
+"""Deterministic emoji images in designer-drawn styles, with augmentation, and their captions.
 
-Styles (the only three the demo model trains on; every other emoji set is kept for outside
-evaluation of generalisation):
+Classic styles (the demo's images and emoji-clip v1's training world):
 - "noto": Google's Noto Color Emoji (Debian `fonts-noto-color-emoji`), a bitmap font drawn at 109 px.
 - "twemoji": Twitter's Twemoji 64 px PNGs from the npm package `emoji-datasource-twitter`
   (graphics CC-BY 4.0 by Twitter/X and contributors, package code MIT), installed outside the
@@ -9,8 +8,11 @@ evaluation of generalisation):
 - "symbola": George Douros's Symbola (Debian `fonts-symbola`), monochrome outlines; single code
   points only (no ZWJ sequences, flags or keycaps), recoloured at random.
 
+Iconify styles (`ICONIFY_STYLES`, emoji-clip v2 trains on all but `HELD_OUT_STYLE`): the emoji
+sets of `curation.emoji.iconify`, SVGs rasterised by resvg, mapped onto the Unicode catalogue.
+
 Every image is a pure function of (emoji, style, seed, index): the same arguments give the same
-pixels on any machine with the same font files.
+pixels on any machine with the same font files and packages.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from curation.emoji import iconify
 from curation.emoji.catalog import Emoji, load_catalog
 from curation.progress import Progress
 
 STYLES = ("noto", "twemoji", "symbola")
+ICONIFY_STYLES = tuple(iconify.EMOJI_SETS)
+ALL_STYLES = STYLES + ICONIFY_STYLES  # a style's position seeds its renders: append, never reorder
+HELD_OUT_STYLE = "noto-v1"  # never trained on by emoji-clip v2: measures transfer to an unseen style
 NOTO_FONT = Path(os.environ.get("CURATION_NOTO_FONT", "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"))
 SYMBOLA_FONT = Path(os.environ.get("CURATION_SYMBOLA_FONT",
                                    "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"))
@@ -50,8 +56,11 @@ _SOURCES = {
 
 def check_style(style: str) -> None:
     """Fail early, naming what to install, when a style's files are missing."""
-    if style not in STYLES:
-        raise ValueError(f"unknown emoji style {style!r}. Available: {STYLES}")
+    if style not in ALL_STYLES:
+        raise ValueError(f"unknown emoji style {style!r}. Available: {ALL_STYLES}")
+    if style in ICONIFY_STYLES:
+        iconify.load_set(style)  # raises with the npm command
+        return
     path, how = _SOURCES[style]
     if not path.exists():
         raise FileNotFoundError(f"emoji style {style!r} needs {path}: install it with `{how}`")
@@ -122,7 +131,26 @@ def _symbola_glyph(emoji: Emoji) -> Image.Image | None:
     return _crop_to_content(glyph)
 
 
+@lru_cache(maxsize=None)
+def _iconify_glyphs(style: str) -> dict[str, np.ndarray]:
+    """emoji id -> cropped RGBA glyph of every catalogue emoji an Iconify set draws (one cached
+    rasterisation of the whole set)."""
+    names = iconify.emoji_icon_names(iconify.load_set(style), list(_catalog_by_id().values()))
+    bank = iconify.glyph_bank([(style, name) for name in names.values()])
+    return {emoji_id: bank[(style, name)] for emoji_id, name in names.items() if (style, name) in bank}
+
+
+def _iconify_glyph(emoji: Emoji, style: str) -> Image.Image | None:
+    pixels = _iconify_glyphs(style).get(emoji.id)
+    return None if pixels is None else Image.fromarray(pixels, "RGBA")
+
+
 _GLYPHS = {"noto": _noto_glyph, "twemoji": _twemoji_glyph, "symbola": _symbola_glyph}
+
+
+def is_monochrome(style: str) -> bool:
+    """Styles drawn in one colour (recoloured at random by the augmentation)."""
+    return style == "symbola" or style in iconify.MONOCHROME_EMOJI_SETS
 
 
 @lru_cache(maxsize=None)
@@ -130,6 +158,8 @@ def render_glyph(emoji: Emoji, style: str) -> Image.Image | None:
     """The emoji's base glyph (RGBA, cropped, longest side <= GLYPH_SIZE), or None when the style
     has no drawing of it. Cached per process; treat the image as read-only."""
     check_style(style)
+    if style in ICONIFY_STYLES:
+        return _iconify_glyph(emoji, style)
     return _GLYPHS[style](emoji)
 
 
@@ -290,6 +320,21 @@ def keyword_captions(emoji: Emoji) -> list[str]:
             for i, k in enumerate(emoji.keywords)]
 
 
+ICON_NAME_TEMPLATES = ("an icon of {a} {name}", "{name}", "a picture of {a} {name}")
+ICON_KEYWORDS_MAX = 4  # aliases and categories per icon concept: a few, not mdi's dozens
+
+
+def icon_name_captions(concept: iconify.IconConcept) -> list[str]:
+    return [t.format(a=_article(concept.name), name=concept.name) for t in ICON_NAME_TEMPLATES]
+
+
+def icon_keyword_captions(concept: iconify.IconConcept) -> list[str]:
+    """Aliases as they are, then "<name>, <category>" (the category's last part, lower-case)."""
+    categories = [c.split("/")[-1].strip().lower() for c in concept.categories]
+    texts = list(concept.aliases) + [f"{concept.name}, {c}" for c in categories if c and c != concept.name]
+    return texts[:ICON_KEYWORDS_MAX]
+
+
 def captions(emoji: Emoji) -> list[str]:
     """Generic captions from the name and CLDR keywords only (nothing about any demo task)."""
     return name_captions(emoji) + keyword_captions(emoji)
@@ -317,16 +362,16 @@ def render_image(emoji: Emoji, style: str, seed: int, index: int, size: int = IM
     glyph = render_glyph(emoji, style)
     if glyph is None:
         return None
-    rng = np.random.default_rng([seed, index, STYLES.index(style), *emoji.codepoints])
-    return compose([(glyph, style == "symbola")], rng, size, aug)
+    rng = np.random.default_rng([seed, index, ALL_STYLES.index(style), *emoji.codepoints])
+    return compose([(glyph, is_monochrome(style))], rng, size, aug)
 
 
 def write_eval_set(directory: str | Path, emoji_ids: Sequence[str], style: str, n_per_emoji: int,
                    seed: int, size: int = IMAGE_SIZE) -> list[Path]:
     """Write `n_per_emoji` fresh augmented renders (no pairs) of each emoji as PNG files.
 
-    `style` is one of STYLES or "mixed" (render k uses style k mod 3, skipping styles that lack
-    the emoji). Emoji a style cannot draw are skipped. Files are named
+    `style` is one of ALL_STYLES or "mixed" (render k uses classic style k mod 3, skipping styles
+    that lack the emoji). Emoji a style cannot draw are skipped. Files are named
     `<emoji id>_<style>_<k>.png`; returns their paths in order.
     """
     styles = STYLES if style == "mixed" else (style,)

@@ -1,24 +1,34 @@
 """Train emoji-clip's image tower against frozen MiniLM caption embeddings.
 
-    nice -n 10 python -m curation.emoji.train --minutes 60 --precision bf16 --seed 0 \
-        --out curation/emoji/weights/emoji-clip-v1.safetensors
+    nice -n 10 python -m curation.emoji.train --steps 30000 --precision bf16 --seed 0 \
+        --checkpoint-dir ~/emoji-clip-v2-checkpoints --out curation/emoji/weights/emoji-clip-v2.safetensors
 
-Data: renders (Noto, Twemoji, Symbola; augmented; 12% pairs) of the trained emoji only; the
-held-out ~15% (stratified by subgroup) never appear. Captions are generic (name and CLDR
-keywords), embedded once by the locked text tower.
+Data (v2): half the images are emoji, half icon concepts. Emoji are the trained emoji (today's
+~15% hold-out and a further 5% validation split, both stratified by subgroup, never appear) drawn
+in the classic styles (Noto, Twemoji, Symbola) and the Iconify emoji sets except the held-out style
+(`render.HELD_OUT_STYLE`, never trained on in any emoji). Icon concepts are the ~20k names of the
+Iconify icon sets, merged across sets and weights (`iconify.icon_concepts`). Augmented, 12% pairs.
+Captions are generic: emoji name and CLDR keywords; icon name, aliases and categories; embedded
+once by the locked text tower. `--no-iconify` trains v1's world (classic styles, emoji only).
 
-Loss: every image is scored against one prototype per trained emoji (its name captions' mean
+Loss: every image is scored against one prototype per trained concept (its name captions' mean
 embedding, mixed with its keyword captions' mean by `name_caption_p`) and trained with a softmax
 over all of them: the large-batch limit of CLIP's image->text loss, the target split 50/50 for a
 pair image. The logit scale is learned. (`--sample-captions` instead draws one random caption per
-emoji per step; on 400-step trials it named emoji less well.)
+concept per step; on 400-step trials it named emoji less well.)
 
-`--minutes` is a budget: the learning rate warms up, stays constant, and decays over the last
-quarter of the budget, whose length in steps is set from the speed of the latest steps and recorded.
-Data, initialisation and caption draws are functions of (seed, step), so the recorded
-`--steps N --decay-start S` repeats a run step for step (same kernels and thread count assumed).
-The sidecar JSON next to the weights holds the command, data statistics, timings and zero-shot
-naming top-1/top-5 on fresh renders of trained and held-out emoji.
+Schedule: warm-up, constant, then a cosine decay over the last quarter, either of a step count
+(`--steps`) or of a time budget (`--minutes`, the decay's length set late from the speed of recent
+steps and recorded). Data, initialisation and caption draws are functions of (seed, step), so the
+recorded `--steps N --decay-start S` repeats a run step for step (same kernels and thread count).
+
+Resumable runs (`--checkpoint-dir`, needs `--steps`): every `--checkpoint-every` steps the run
+measures validation naming top-1, keeps the best weights, and writes its whole state; started
+again with the same arguments it continues from there, step for step as if never stopped (a
+session that ends every command loses at most the steps since the last checkpoint). The final
+weights are the best checkpoint's; the sidecar JSON next to them records the command, data
+statistics, every run segment, the validation history, timings, and zero-shot naming top-1/top-5
+per style (the held-out style included) on fresh renders of trained, validation and held-out emoji.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from curation.emoji import catalog, render
+from curation.emoji import catalog, iconify, render
 from curation.progress import Progress, configure_logging
 
 log = logging.getLogger("curation.emoji.train")
@@ -47,7 +57,7 @@ log = logging.getLogger("curation.emoji.train")
 class TrainConfig:
     """Everything that determines a run; `minutes` only bounds it when `steps` is None."""
 
-    out: str = str(Path(__file__).parent / "weights" / "emoji-clip-v1.safetensors")
+    out: str = str(Path(__file__).parent / "weights" / "emoji-clip-v2.safetensors")
     minutes: float = 60.0
     steps: int | None = None
     seed: int = 0
@@ -62,33 +72,58 @@ class TrainConfig:
     sample_captions: bool = False  # True: a random caption per emoji per step; False: mean prototypes
     holdout_fraction: float = catalog.HOLDOUT_FRACTION
     holdout_seed: int = 0
+    validation_fraction: float = 0.05  # of the trained emoji: never trained, picks the checkpoint
+    emoji_sets: tuple[str, ...] = tuple(s for s in render.ICONIFY_STYLES if s != render.HELD_OUT_STYLE)
+    icon_sets: tuple[str, ...] = tuple(iconify.ICON_SETS)
+    emoji_fraction: float = 0.5  # share of images drawn from emoji (the rest: icon concepts)
     workers: int = 1
     threads: int = 2
     precision: str = "fp32"  # or "bf16" (CPU autocast; fast where the CPU has AMX)
     eval_per_emoji: int = 1
     eval_seed: int = 1_000_003
     log_every: int = 50  # steps per loss-curve point; progress lines show the mean loss over as many
+    checkpoint_dir: str | None = None  # with `steps`: resumable, validated checkpoints here
+    checkpoint_every: int = 1000
     vision_cfg: dict | None = field(default=None)  # tests: a tiny tower
+
+    def schedule_fields(self) -> dict:
+        """The fields a resumed run must share with the checkpoint (everything but where files
+        go and how many processes render)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("out", "checkpoint_dir", "checkpoint_every", "workers", "threads", "minutes")}
 
 
 # ------------------------------------------------------------------------------------------ data
 
 @dataclass(frozen=True)
 class TrainData:
-    """Trained emoji, which styles draw each, and the caption bank indices."""
+    """Trained concepts (emoji first, then icon concepts), their glyphs and caption indices.
 
-    emojis: list
+    A concept's glyphs are every drawing training may show for it: an emoji in each trained style
+    that draws it, an icon concept in each set and weight.
+    """
+
+    emojis: list  # trained emoji (the first len(emojis) concepts)
     held_out: list
-    styles: list  # per emoji: tuple of style names that have a glyph
-    captions: list  # all caption texts, deduplicated per emoji
+    validation: list  # not trained, not held out: chooses the checkpoint
+    icons: list  # IconConcept, after the emoji
+    glyphs: list  # per concept: list of (RGBA image, is_monochrome)
+    glyph_styles: list  # per concept: the style (or icon set) of each glyph
+    captions: list  # all caption texts
     name_idx: np.ndarray  # (K, max_names) indices into captions, -1 padded
     keyword_idx: np.ndarray  # (K, max_keywords), -1 padded
 
     def stats(self) -> dict:
-        per_style = {s: sum(s in st for st in self.styles) for s in render.STYLES}
+        per_style: dict[str, int] = {}
+        for styles in self.glyph_styles:
+            for style in set(styles):
+                per_style[style] = per_style.get(style, 0) + 1
         return {"trained_emoji": len(self.emojis), "held_out_emoji": len(self.held_out),
-                "trained_glyphs_per_style": per_style, "captions": len(self.captions),
-                "held_out_ids": [e.id for e in self.held_out]}
+                "validation_emoji": len(self.validation), "icon_concepts": len(self.icons),
+                "concepts_per_style": dict(sorted(per_style.items())),
+                "glyphs": sum(map(len, self.glyphs)), "captions": len(self.captions),
+                "held_out_ids": [e.id for e in self.held_out],
+                "validation_ids": [e.id for e in self.validation]}
 
 
 def _padded(rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -98,21 +133,67 @@ def _padded(rows: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+def split_emoji(cfg: TrainConfig, emojis: list) -> tuple[list, list, list]:
+    """(trained, validation, held_out): today's hold-out first, then a validation share of the rest,
+    both stratified by subgroup."""
+    rest, held = catalog.holdout_split(emojis, cfg.holdout_fraction, cfg.holdout_seed)
+    trained, validation = catalog.holdout_split(rest, cfg.validation_fraction, cfg.holdout_seed + 1)
+    return trained, validation, held
+
+
+def _emoji_glyphs(emoji, styles: Sequence[str]) -> tuple[list, list]:
+    glyphs, names = [], []
+    for style in styles:
+        glyph = render.render_glyph(emoji, style)
+        if glyph is not None:
+            glyphs.append((glyph, render.is_monochrome(style)))
+            names.append(style)
+    return glyphs, names
+
+
+def _icon_glyphs(icons: list, bank: dict) -> tuple[list, list]:
+    from PIL import Image
+
+    glyphs, styles = [], []
+    for concept in icons:
+        drawn = [key for key in concept.sources if key in bank]
+        glyphs.append([(Image.fromarray(bank[key], "RGBA"), True) for key in drawn])
+        styles.append([prefix for prefix, _ in drawn])
+    return glyphs, styles
+
+
 def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     """Split the catalogue, render every base glyph once (workers inherit the cache), index captions."""
     every = emojis if emojis is not None else catalog.load_catalog()
-    trained, held = catalog.holdout_split(every, cfg.holdout_fraction, cfg.holdout_seed)
-    styles = [tuple(s for s in render.STYLES if render.render_glyph(e, s) is not None) for e in trained]
+    trained, validation, held = split_emoji(cfg, every)
+    styles = render.STYLES + tuple(cfg.emoji_sets)
+    if render.HELD_OUT_STYLE in styles:
+        raise ValueError(f"{render.HELD_OUT_STYLE!r} is the held-out style; it cannot be trained on")
+    glyphs, glyph_styles = map(list, zip(*(_emoji_glyphs(e, styles) for e in trained))) if trained else ([], [])
+    keep = [i for i, g in enumerate(glyphs) if g]
+    trained = [trained[i] for i in keep]
+    glyphs, glyph_styles = [glyphs[i] for i in keep], [glyph_styles[i] for i in keep]
+    icons = iconify.icon_concepts(cfg.icon_sets) if cfg.icon_sets else []
+    if icons:
+        bank = iconify.glyph_bank([key for concept in icons for key in concept.sources])
+        icon_glyphs, icon_styles = _icon_glyphs(icons, bank)
+        drawn = [i for i, g in enumerate(icon_glyphs) if g]
+        icons = [icons[i] for i in drawn]
+        glyphs += [icon_glyphs[i] for i in drawn]
+        glyph_styles += [icon_styles[i] for i in drawn]
     texts: list[str] = []
     names, keywords = [], []
-    for emoji in trained:
+    for name_texts, keyword_texts in ([(render.name_captions(e), render.keyword_captions(e)) for e in trained]
+                                      + [(render.icon_name_captions(c), render.icon_keyword_captions(c))
+                                         for c in icons]):
         start = len(texts)
-        texts.extend(render.name_captions(emoji))
+        texts.extend(name_texts)
         names.append(list(range(start, len(texts))))
         start = len(texts)
-        texts.extend(render.keyword_captions(emoji))
+        texts.extend(keyword_texts)
         keywords.append(list(range(start, len(texts))))
-    return TrainData(trained, held, styles, texts, _padded(names), _padded(keywords))
+    return TrainData(trained, held, validation, icons, glyphs, glyph_styles, texts, _padded(names),
+                     _padded(keywords))
 
 
 class RenderBatches:
@@ -120,32 +201,31 @@ class RenderBatches:
     function of (seed, b), whichever worker renders it."""
 
     def __init__(self, data: TrainData, seed: int, batch_size: int, start: int = 0, stride: int = 1,
-                 aug: render.Augment = render.Augment()):
+                 aug: render.Augment = render.Augment(), emoji_fraction: float = 0.5):
         self.data, self.seed, self.batch_size = data, seed, batch_size
         self.start, self.stride, self.aug = start, stride, aug
+        self.emoji_fraction = emoji_fraction
+
+    def _concept(self, rng: np.random.Generator) -> int:
+        n_emoji, n_icons = len(self.data.emojis), len(self.data.icons)
+        if n_icons == 0 or (n_emoji and rng.random() < self.emoji_fraction):
+            return int(rng.integers(n_emoji))
+        return n_emoji + int(rng.integers(n_icons))
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, index, 7])
-        k = len(self.data.emojis)
+        k = len(self.data.glyphs)
         pixels = np.empty((self.batch_size, render.IMAGE_SIZE, render.IMAGE_SIZE, 3), np.uint8)
         targets = np.zeros((self.batch_size, k), np.float32)
         for row in range(self.batch_size):
-            first = int(rng.integers(k))
-            style = self.data.styles[first][int(rng.integers(len(self.data.styles[first])))]
-            chosen = [first]
+            chosen = [self._concept(rng)]
             if rng.random() < self.aug.pair_p:
-                chosen.append(int(rng.integers(k)))
-            glyphs = [self._glyph(i, style) for i in chosen]
+                chosen.append(self._concept(rng))
+            glyphs = [self.data.glyphs[i][int(rng.integers(len(self.data.glyphs[i])))] for i in chosen]
             pixels[row] = render.compose(glyphs, rng, render.IMAGE_SIZE, self.aug)
             for i in chosen:
                 targets[row, i] += 1.0 / len(chosen)
         return pixels, targets
-
-    def _glyph(self, index: int, style: str):
-        emoji = self.data.emojis[index]
-        if style not in self.data.styles[index]:
-            style = self.data.styles[index][0]
-        return render.render_glyph(emoji, style), style == "symbola"
 
     def __iter__(self):
         index = self.start
@@ -154,15 +234,16 @@ class RenderBatches:
             index += self.stride
 
 
-def _loader(data: TrainData, cfg: TrainConfig):
-    """Batches in order 0, 1, 2, ... from `cfg.workers` processes (0: render in the trainer)."""
+def _loader(data: TrainData, cfg: TrainConfig, first: int = 0):
+    """Batches in order first, first + 1, ... from `cfg.workers` processes (0: render in the trainer)."""
     import torch
 
     class _Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             wid, n = (info.id, info.num_workers) if info else (0, 1)
-            return iter(RenderBatches(data, cfg.seed, cfg.batch_size, start=wid, stride=n))
+            return iter(RenderBatches(data, cfg.seed, cfg.batch_size, start=first + wid, stride=n,
+                                      emoji_fraction=cfg.emoji_fraction))
 
     return torch.utils.data.DataLoader(_Stream(), batch_size=None, num_workers=cfg.workers,
                                        prefetch_factor=4 if cfg.workers else None,
@@ -331,26 +412,38 @@ def _fresh_renders(emojis: list, style: str, seed: int, per_emoji: int) -> tuple
     return (np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)), ids
 
 
-def naming_eval(model, tokenizer, candidates: list, subsets: dict[str, list], seed: int,
-                per_emoji: int = 1) -> dict:
-    """Zero-shot naming: rank "an emoji of a <name>" for every candidate emoji against fresh renders
-    (no pairs) of each subset, per style and overall. Returns {subset: {style: {top1, top5, n}}}."""
+def naming_text(model, tokenizer, candidates: list) -> "torch.Tensor":
+    """The naming prompt ("an emoji of a <name>") of every candidate emoji, embedded -> (n, d)."""
+    return encode_captions(model, tokenizer, [render.name_captions(e)[0] for e in candidates])
+
+
+def naming_ranks(model, text: "torch.Tensor", position: dict, emojis: list, style: str, seed: int,
+                 per_emoji: int) -> np.ndarray:
+    """Rank of the true name among all candidates for fresh renders (no pairs) of one style."""
     import torch
 
-    text = encode_captions(model, tokenizer, [render.name_captions(e)[0] for e in candidates])
+    images, ids = _fresh_renders(emojis, style, seed, per_emoji)
+    if not ids:
+        return np.zeros(0, np.int64)
+    scores = encode_images(model, images) @ text.T
+    truth = torch.tensor([position[i] for i in ids])
+    return (scores > scores[torch.arange(len(ids)), truth][:, None]).sum(1).numpy()
+
+
+def naming_eval(model, tokenizer, candidates: list, subsets: dict[str, list], seed: int,
+                per_emoji: int = 1, styles: Sequence[str] = render.STYLES) -> dict:
+    """Zero-shot naming: rank "an emoji of a <name>" for every candidate emoji against fresh renders
+    (no pairs) of each subset, per style and overall. Returns {subset: {style: {top1, top5, n}}}."""
+    text = naming_text(model, tokenizer, candidates)
     position = {e.id: i for i, e in enumerate(candidates)}
     results = {}
     for subset, emojis in subsets.items():
         results[subset], ranks_all = {}, []
-        for style in render.STYLES:
-            images, ids = _fresh_renders(emojis, style, seed, per_emoji)
-            if not ids:
-                continue
-            scores = encode_images(model, images) @ text.T
-            truth = torch.tensor([position[i] for i in ids])
-            ranks = (scores > scores[torch.arange(len(ids)), truth][:, None]).sum(1).numpy()
-            ranks_all.append(ranks)
-            results[subset][style] = _topk(ranks)
+        for style in styles:
+            ranks = naming_ranks(model, text, position, emojis, style, seed, per_emoji)
+            if len(ranks):
+                ranks_all.append(ranks)
+                results[subset][style] = _topk(ranks)
         results[subset]["all"] = _topk(np.concatenate(ranks_all)) if ranks_all else {}
     return results
 
@@ -384,7 +477,7 @@ def _versions() -> dict:
 
 
 def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = None) -> dict:
-    """Run training, write the weights and the sidecar JSON; returns the sidecar's content."""
+    """Run (or resume) training, write the weights and the sidecar JSON; returns the sidecar."""
     import torch
 
     from curation.emoji import model as emoji_model
@@ -392,11 +485,13 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     started = time.time()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    for style in render.STYLES:
+    for style in render.STYLES + tuple(cfg.emoji_sets) + (render.HELD_OUT_STYLE,):
         render.check_style(style)
+    if cfg.checkpoint_dir is not None and cfg.steps is None:
+        raise ValueError("--checkpoint-dir needs --steps: a resumable run has a fixed schedule")
     model, _, _, tokenizer = emoji_model.create_emoji_clip("cpu", cfg.vision_cfg)
     data = prepare_data(cfg, emojis)
-    log.info("data: %s", {k: v for k, v in data.stats().items() if k != "held_out_ids"})
+    log.info("data: %s", {k: v for k, v in data.stats().items() if not k.endswith("_ids")})
     t0 = time.time()
     bank = cached_caption_bank(model, tokenizer, data.captions)
     log.info("caption bank: %d captions embedded in %.1fs", len(data.captions), time.time() - t0)
@@ -405,9 +500,12 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     model.train()
     model.text.eval()  # locked: no dropout in the frozen tower (its outputs are precomputed anyway)
     optimizer = _optimizer(model, cfg)
-    loop = _run_loop(model, optimizer, bank, data, cfg)
+    candidates = emojis if emojis is not None else catalog.load_catalog()
+    checkpoints = Checkpoints(cfg, Validation(model, tokenizer, candidates, data, cfg))
+    loop = _run_loop(model, optimizer, bank, data, cfg, checkpoints)
+    checkpoints.load_best(model)
     weights = _save(model, cfg, loop, command)
-    report = _evaluate_and_check(model, weights, data, emojis, cfg)
+    report = _evaluate_and_check(model, weights, data, candidates, cfg)
     sidecar = {"command": list(command), "config": asdict(cfg), "data": data.stats(), "train": loop,
                "eval": report, "weights": str(weights), "weights_sha256": emoji_model.file_sha256(weights),
                "weights_bytes": weights.stat().st_size,
@@ -417,6 +515,103 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     weights.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     log.info("naming: %s", json.dumps({s: r.get("all") for s, r in report["naming"].items()}))
     return sidecar
+
+
+class Validation:
+    """Naming top-1 on the validation emoji (never trained, not the hold-out) in the trained
+    styles: the number that chooses the checkpoint."""
+
+    def __init__(self, model, tokenizer, candidates: list, data: TrainData, cfg: TrainConfig):
+        self.model, self.emojis, self.cfg = model, data.validation, cfg
+        self.styles = render.STYLES + tuple(cfg.emoji_sets)
+        self.position = {e.id: i for i, e in enumerate(candidates)}
+        self.text = naming_text(model, tokenizer, candidates) if self.emojis else None
+
+    def __call__(self) -> float | None:
+        if self.text is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ranks = np.concatenate([naming_ranks(self.model, self.text, self.position, self.emojis, style,
+                                                 self.cfg.eval_seed + 1, 1) for style in self.styles])
+        finally:
+            self.model.train(was_training)
+            self.model.text.eval()
+        return round(float((ranks < 1).mean()), 4) if len(ranks) else None
+
+
+class Checkpoints:
+    """Resumable state (`last.pt`: trained tensors, optimizer, step, losses, history) and the best
+    weights by validation (`best.safetensors`) under `cfg.checkpoint_dir`.
+
+    `last.pt` holds tensors, numbers and strings only and is read with `weights_only=True`. A run
+    resumes only into the same schedule fields (`TrainConfig.schedule_fields`). Without a
+    checkpoint directory nothing is saved and the final weights are used.
+    """
+
+    def __init__(self, cfg: TrainConfig, validate: Validation):
+        self.cfg, self.validate = cfg, validate
+        self.directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.state = {"step": 0, "losses": [], "history": [], "segments": [], "best": None}
+
+    @property
+    def last(self) -> Path | None:
+        return self.directory / "last.pt" if self.directory else None
+
+    def restore(self, model, optimizer) -> dict:
+        """Load `last.pt` into the model and optimizer when there is one; returns the loop state."""
+        import torch
+
+        if self.last is None or not self.last.is_file():
+            return self.state
+        stored = torch.load(self.last, map_location="cpu", weights_only=True)
+        wanted = json.dumps(self.cfg.schedule_fields(), sort_keys=True)
+        if stored["config"] != wanted:
+            mine, theirs = json.loads(wanted), json.loads(stored["config"])
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{self.last} belongs to another schedule (fields {differ} differ); "
+                             "resume with the same arguments or use another --checkpoint-dir")
+        model.load_state_dict(stored["trained"], strict=False)
+        optimizer.load_state_dict(stored["optimizer"])
+        self.state = json.loads(stored["state"])
+        log.info("resumed from %s at step %d (best validation %s)", self.last, self.state["step"],
+                 self.state["best"])
+        return self.state
+
+    def due(self, step: int) -> bool:
+        return self.directory is not None and step > 0 and step % self.cfg.checkpoint_every == 0
+
+    def save(self, model, optimizer, step: int) -> None:
+        """Validate, keep the best weights, then write `last.pt` atomically."""
+        import torch
+
+        from curation.emoji.model import save_image_tower, trained_state
+
+        score = self.validate()
+        self.state["history"].append({"step": step, "validation_top1": score,
+                                      "loss": round(float(np.mean(self.state["losses"][-self.cfg.log_every:])), 4)})
+        best = self.state["best"]
+        if score is not None and (best is None or score > best["validation_top1"]):
+            self.state["best"] = {"step": step, "validation_top1": score}
+            save_image_tower(model, self.directory / "best.safetensors", {"step": str(step)})
+        self.state["step"] = step
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.last.with_suffix(".tmp")
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(),
+                    "config": json.dumps(self.cfg.schedule_fields(), sort_keys=True),
+                    "state": json.dumps(self.state)}, tmp)
+        tmp.replace(self.last)
+        log.info("checkpoint at step %d: validation naming top-1 %s (best %s)", step, score, self.state["best"])
+
+    def load_best(self, model) -> None:
+        """Put the best-by-validation weights into the model (no-op without checkpoints)."""
+        from curation.emoji.model import load_image_tower
+
+        if self.directory is not None and self.state["best"] is not None:
+            load_image_tower(model, self.directory / "best.safetensors")
+            log.info("using the checkpoint of step %d (validation naming top-1 %.4f)",
+                     self.state["best"]["step"], self.state["best"]["validation_top1"])
 
 
 class _Schedule:
@@ -452,14 +647,21 @@ class _Schedule:
         return False
 
 
-def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig) -> dict:
+def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig, checkpoints: Checkpoints) -> dict:
+    from datetime import datetime, timezone
+
     schedule = _Schedule(cfg)
     fixed = mean_prototypes(bank, data, cfg.name_caption_p)
-    losses, step, seen = [], 0, 0
+    state = checkpoints.restore(model, optimizer)
+    losses, first = state["losses"], state["step"]
+    step = first
     t_start = time.time()
+    segment = {"from_step": first, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    state["segments"].append(segment)
     # the step count is known from the start with --steps, else once the decay is scheduled
     with Progress("training the image tower", schedule.total, "steps") as progress:
-        for pixels, targets in _loader(data, cfg):
+        progress.update(first)
+        for pixels, targets in _loader(data, cfg, first):
             now = time.time()
             schedule.update(step, now, t_start)
             if schedule.done(step, now, t_start):
@@ -472,18 +674,22 @@ def _run_loop(model, optimizer, bank, data: TrainData, cfg: TrainConfig) -> dict
                                          cfg.name_caption_p) if cfg.sample_captions else fixed
             losses.append(train_step(model, optimizer, pixels, targets, prototypes, cfg))
             step += 1
-            seen += len(pixels)
+            segment.update(to_step=step, seconds=round(time.time() - t_start, 1))
+            if checkpoints.due(step) or (checkpoints.directory is not None and step == schedule.total):
+                checkpoints.save(model, optimizer, step)
             progress.update(1, loss=float(np.mean(losses[-cfg.log_every:])), scale=model.logit_scale.detach().exp(),
-                            lr=optimizer.param_groups[0]["lr"], images=seen)
-    elapsed = time.time() - t_start
+                            lr=optimizer.param_groups[0]["lr"])
+    seconds = sum(s.get("seconds", 0.0) for s in state["segments"])
+    seen = step * cfg.batch_size
     return {"steps_done": step, "decay_start": schedule.decay_start, "total_steps": schedule.total,
-            "images_seen": seen, "seconds": round(elapsed, 1),
-            "images_per_second": round(seen / max(elapsed, 1e-9), 1),
+            "images_seen": seen, "seconds": round(seconds, 1),
+            "images_per_second": round(seen / max(seconds, 1e-9), 1),
             "loss_first_50": round(float(np.mean(losses[:50])), 4) if losses else None,
             "loss_last_50": round(float(np.mean(losses[-50:])), 4) if losses else None,
             "loss_curve": [round(float(np.mean(losses[i:i + cfg.log_every])), 4)
                            for i in range(0, len(losses), cfg.log_every)],
-            "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+            "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+            "segments": state["segments"], "validation": state["history"], "chosen": state["best"]}
 
 
 def _reproduce_command(command: Sequence[str], loop: dict) -> str:
@@ -508,9 +714,14 @@ def _save(model, cfg: TrainConfig, loop: dict, command: Sequence[str]) -> Path:
     return save_image_tower(model, cfg.out, meta)
 
 
-def _evaluate_and_check(model, weights: Path, data: TrainData, emojis, cfg: TrainConfig) -> dict:
+def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list, cfg: TrainConfig) -> dict:
     """Naming metrics measured on the saved (fp16) weights loaded back like any user loads them,
-    plus the largest output difference to the trained model rounded to fp16 (should be 0)."""
+    plus the largest output difference to the trained model rounded to fp16 (should be 0).
+
+    Styles: the classic three, the trained Iconify sets and the held-out style. Subsets: trained,
+    validation and held-out emoji, and the held-out emoji whose name no icon concept shares (the
+    strictest: neither the emoji nor its name's concept was drawn in training).
+    """
     import torch
 
     from curation.emoji.model import build_emoji_clip, pixels_to_input, trained_state
@@ -523,11 +734,15 @@ def _evaluate_and_check(model, weights: Path, data: TrainData, emojis, cfg: Trai
     with torch.no_grad():
         x = pixels_to_input(probe, model)
         diff = float((model.encode_image(x) - loaded.encode_image(x)).abs().max())
-    candidates = emojis if emojis is not None else catalog.load_catalog()
-    naming = naming_eval(loaded, tokenizer, candidates, {"trained": data.emojis, "held_out": data.held_out},
-                         cfg.eval_seed, cfg.eval_per_emoji)
+    icon_names = {c.name for c in data.icons}
+    subsets = {"trained": data.emojis, "validation": data.validation, "held_out": data.held_out,
+               "held_out_no_icon_concept": [e for e in data.held_out
+                                            if render.display_name(e).lower() not in icon_names]}
+    styles = render.STYLES + tuple(cfg.emoji_sets) + (render.HELD_OUT_STYLE,)
+    naming = naming_eval(loaded, tokenizer, candidates, subsets, cfg.eval_seed, cfg.eval_per_emoji, styles)
     return {"roundtrip_max_abs_diff": diff, "naming_candidates": len(candidates),
-            "naming_prompt": render.NAME_TEMPLATES[0], "naming": naming}
+            "naming_prompt": render.NAME_TEMPLATES[0], "held_out_style": render.HELD_OUT_STYLE,
+            "naming": naming}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -547,13 +762,20 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.add_argument("--sample-captions", action="store_true",
                         help="score against one random caption per emoji per step, not mean prototypes")
     parser.add_argument("--eval-per-emoji", type=int, default=default.eval_per_emoji)
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="with --steps: save/resume here; the best checkpoint by validation is kept")
+    parser.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every)
+    parser.add_argument("--no-iconify", action="store_true",
+                        help="classic styles and emoji only (emoji-clip v1's world)")
     args = parser.parse_args(argv)
     if args.decay_start is not None and args.steps is None:
         parser.error("--decay-start needs --steps")
     return TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, decay_start=args.decay_start,
                        seed=args.seed, batch_size=args.batch_size, lr=args.lr, init_scale=args.init_scale,
                        workers=args.workers, threads=args.threads, precision=args.precision,
-                       sample_captions=args.sample_captions, eval_per_emoji=args.eval_per_emoji)
+                       sample_captions=args.sample_captions, eval_per_emoji=args.eval_per_emoji,
+                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                       **({"emoji_sets": (), "icon_sets": ()} if args.no_iconify else {}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
