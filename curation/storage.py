@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -395,6 +396,17 @@ def remove_many(uris: list[str], storage_options: dict | None = None) -> None:
     fs.rm([filesystem(uri, storage_options)[1] for uri in uris])
 
 
+def read_many(uris: list[str], storage_options: dict | None = None) -> dict[str, bytes]:
+    """The contents of many files of one store, fetched concurrently (fsspec `cat` on a list:
+    s3fs runs the GETs in parallel batches), keyed by the given URIs."""
+    if not uris:
+        return {}
+    fs, _ = filesystem(uris[0], storage_options)
+    paths = {filesystem(uri, storage_options)[1]: uri for uri in uris}
+    contents = fs.cat(list(paths), on_error="raise")
+    return {paths[path]: data for path, data in contents.items()}
+
+
 def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple["pyarrow.fs.FileSystem", str]:
     """A pyarrow filesystem (for pyarrow.parquet and Ray Data) and the path inside it.
 
@@ -407,3 +419,12 @@ def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple["
     if is_local(uri):
         return pyarrow.fs.LocalFileSystem(), path
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a local file, read in chunks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

