@@ -164,7 +164,7 @@ def marginal(n: tuple[int, int], t: tuple[float, float]) -> float:
 def bench_model(model_name: str, root: Path) -> dict:
     import ray
 
-    from curation import workflow
+    from curation.detectors.cache import fitted_detectors
 
     sizes = SIZES[model_name]
     dirs = [write_images(root / f"{model_name}-{n}", n) for n in sizes]
@@ -172,7 +172,7 @@ def bench_model(model_name: str, root: Path) -> dict:
     batch_size = cfg.model.batch_size
     plain = [plain_loop_s(model_name, d, batch_size) for d in dirs]
     ray.init(address="local", include_dashboard=False)
-    workflow.fitted_detectors(cfg)  # fitted once, outside the timed runs
+    fitted_detectors(cfg)  # fitted once, outside the timed runs
     ray.shutdown()
     # An untimed job first: the first job of a process also pays one-time imports (Ray Data and
     # friends) that a second does not, which would break the equal-fixed-cost premise.

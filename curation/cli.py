@@ -49,25 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(summary: dict) -> None:
-    print(f"\nrun {summary['run_name']}  ->  {summary['run_dir']}")
-    print(f"{'':>9} {'items':>8} {'kept':>8} {'removed':>8} {'failed':>8} {'partitions':>10}")
-    for scope in ("this_run", "total"):
-        c = summary[scope]
-        print(f"{scope:>9} {c['items']:>8} {c['kept']:>8} {c['removed']:>8} {c['failed']:>8} {c['partitions']:>10}")
-    for name, threshold in summary["thresholds"].items():
-        print(f"  {name:<20} threshold {threshold['threshold']:.4f} ({threshold['strategy']})"
-              f"  fired on {summary['this_run']['fired'].get(name, 0)} this run")
-    print(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
-    built = summary.get("report", {})
-    print(f"audit report: {built['index']}" if built.get("status") == "ok"
-          else f"audit report not built: {built.get('error')}")
-
-
 def report(summary: dict) -> int:
     """Print the summary; exit code 1 when MLflow tracking failed (the outputs are complete then,
     and summary.json says why) or when partitions were left for the next run, else 0."""
-    print_summary(summary)
+    from curation.report import summary_text
+
+    print(summary_text(summary))
     if summary.get("skipped"):
         print(f"skipped source entries (not inputs): {summary['skipped']}")
     failed = summary.get("tracking", {}).get("status") == "failed"
@@ -135,7 +122,9 @@ def _explained_errors() -> tuple[type[Exception], ...]:
     from curation.report import NotARunError
     from curation.storage import StorageUnreachableError
     from curation.tracking import TrackingUnreachableError
-    from curation.workflow import CalibrationError, ClusterPathError, JobPathError, NoInputsError
+    from curation.preflight import ClusterPathError, JobPathError
+    from curation.thresholds import CalibrationError
+    from curation.workflow import NoInputsError
 
     return (RunLockedError, OutputConflictError, StorageUnreachableError, TrackingUnreachableError,
             CalibrationError, ClusterPathError, JobPathError, NoInputsError, RegistryError,

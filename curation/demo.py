@@ -166,8 +166,8 @@ def print_category_table(table: dict[str, Counter]) -> None:
 
 def run_demo(config_path: str | None, overrides: list[str]) -> int:
     from curation import workflow
-    from curation.cli import print_summary
     from curation.config import load_config
+    from curation.report import summary_text
     from curation.tracking import resolve_tracking_uri
 
     cfg = load_config(config_path, overrides)
@@ -179,7 +179,7 @@ def run_demo(config_path: str | None, overrides: list[str]) -> int:
         run_cfg = dataclasses.replace(cfg, run_name=f"{cfg.run_name}-{fmt}",
                                       source=dataclasses.replace(cfg.source, uri=str(data_root / fmt), format=fmt))
         summary = workflow.curate(run_cfg)
-        print_summary(summary)
+        print(summary_text(summary))
         print_category_table(decisions_by_category(summary["run_dir"], truth[fmt]))
         run_dir = summary["run_dir"]
         print(f"  kept: {run_dir}/kept/   removed: {run_dir}/removed/   "

@@ -78,3 +78,54 @@ def threshold_for_rate(scores, rate: float) -> float:
     if allowed >= len(ordered):
         return float(ordered[-1]) if len(ordered) else 0.0
     return float(np.nextafter(np.float32(ordered[allowed]), np.float32(np.inf)))
+
+
+class ScoreHistogram:
+    """Counts of unwanted scores in `bins` equal bins over [0, 1], and how many reached `threshold`
+    (exact, not from the bins). Mergeable: a run adds per-batch histograms instead of keeping every
+    score, so the driver's memory does not grow with the dataset."""
+
+    def __init__(self, threshold: float | None = None, bins: int = 50):
+        self.threshold, self.bins = threshold, bins
+        self.counts = np.zeros(bins, np.int64)
+        self.flagged = 0
+
+    @classmethod
+    def of(cls, scores, threshold: float | None = None, bins: int = 50) -> "ScoreHistogram":
+        return cls(threshold, bins).add(scores)
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, 1.0, self.bins + 1)
+
+    def add(self, scores) -> "ScoreHistogram":
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        scores = scores[np.isfinite(scores)]
+        self.counts += np.histogram(np.clip(scores, 0.0, 1.0), bins=self.bins, range=(0.0, 1.0))[0]
+        if self.threshold is not None:
+            self.flagged += int((scores >= self.threshold).sum())
+        return self
+
+    def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
+        if (other.bins, other.threshold) != (self.bins, self.threshold):
+            raise ValueError("histograms with different bins or thresholds do not merge")
+        self.counts += other.counts
+        self.flagged += other.flagged
+        return self
+
+    def merge_counts(self, counts, flagged: int) -> "ScoreHistogram":
+        """Merge bin counts and a flagged count computed elsewhere (e.g. in a Ray worker) with the
+        same bins and threshold."""
+        if len(counts) != self.bins:
+            raise ValueError(f"{len(counts)} bin counts do not merge into {self.bins} bins")
+        self.counts += np.asarray(counts, np.int64)
+        self.flagged += int(flagged)
+        return self
+
+    @property
+    def removal_rate(self) -> float:
+        return self.flagged / self.n if self.n else 0.0

@@ -68,6 +68,25 @@ MAX_ID_CHARS, MAX_MESSAGE_CHARS = 300, 500  # what of a hostile id or message th
 EXAMPLES_PER_KIND = 3
 
 
+def summary_text(summary: dict) -> str:
+    """What a curate or rescore run did, as `curation` prints it: counts, thresholds, where the
+    audit report is."""
+    lines = [f"\nrun {summary['run_name']}  ->  {summary['run_dir']}",
+             f"{'':>9} {'items':>8} {'kept':>8} {'removed':>8} {'failed':>8} {'partitions':>10}"]
+    for scope in ("this_run", "total"):
+        c = summary[scope]
+        lines.append(f"{scope:>9} {c['items']:>8} {c['kept']:>8} {c['removed']:>8} {c['failed']:>8} "
+                     f"{c['partitions']:>10}")
+    for name, threshold in summary["thresholds"].items():
+        lines.append(f"  {name:<20} threshold {threshold['threshold']:.4f} ({threshold['strategy']})"
+                     f"  fired on {summary['this_run']['fired'].get(name, 0)} this run")
+    lines.append(f"throughput {summary['throughput_items_per_s']:.1f} items/s; MLflow run {summary['mlflow_run_id']}")
+    built = summary.get("report", {})
+    lines.append(f"audit report: {built['index']}" if built.get("status") == "ok"
+                 else f"audit report not built: {built.get('error')}")
+    return "\n".join(lines)
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -355,9 +374,9 @@ def thumb_name(item: dict) -> str:
     return hashlib.sha1(f"{item['partition']}/{item['position']}".encode()).hexdigest()[:20] + ".jpg"
 
 
-def _read_images(items: list[dict], source: SourceConfig, run: RunDirectory) -> dict[str, bytes | str]:
-    """One image file per item: its id is its path relative to the source root (`run` unused:
-    the signature is `_read_container`'s)."""
+def _read_images(items: list[dict], source: SourceConfig, manifest: dict) -> dict[str, bytes | str]:
+    """One image file per item: its id is its path relative to the source root (`manifest`
+    unused: the signature is `_read_container`'s)."""
     from curation.pipeline.read import fetch
 
     found = {}
@@ -367,11 +386,12 @@ def _read_images(items: list[dict], source: SourceConfig, run: RunDirectory) -> 
     return found
 
 
-def _read_container(items: list[dict], source: SourceConfig, run: RunDirectory) -> dict[str, bytes | str]:
-    """The items of one parquet file or shard (one partition), read once with the run's readers."""
+def _read_container(items: list[dict], source: SourceConfig, manifest: dict) -> dict[str, bytes | str]:
+    """The items of one parquet file or shard (one partition), read once with the run's readers;
+    `manifest` is the run's (`RunDirectory.manifest`), read once for all partitions."""
     from curation.pipeline.read import iter_raw_items
 
-    record = run.read_json("_manifest", f"{items[0]['partition']}.json")
+    record = manifest.get(items[0]["partition"])
     if record is None:
         return {thumb_name(i): "the run's manifest has no record of this partition" for i in items}
     partition = Partition(record["partition"]["id"], record["partition"]["format"],
@@ -400,10 +420,11 @@ def write_thumbnails(run: RunDirectory, source: SourceConfig, items: list[dict],
     for item in {thumb_name(i): i for i in items}.values():
         groups.setdefault(item["partition"] if source.format != "images" else thumb_name(item), []).append(item)
     reader = _read_images if source.format == "images" else _read_container
+    manifest = run.manifest() if source.format != "images" and groups else {}
 
     def unit(group: list[dict]) -> dict[str, str]:
         outcome = {}
-        for name, data in reader(group, source, run).items():
+        for name, data in reader(group, source, manifest).items():
             result = thumbnail_bytes(data, px, source.max_pixels) if isinstance(data, bytes) else data
             if isinstance(result, bytes):
                 storage.write_bytes(run.path("report", "thumbs", name), result, run.options)

@@ -342,15 +342,20 @@ class Tracker:
         """Every file under `local_dir` (e.g. a detector directory) under `artifact_path`."""
         self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def log_score_histograms(self, scores: dict[str, np.ndarray], thresholds: dict[str, float],
+    def log_score_histograms(self, scores: dict, thresholds: dict[str, float],
                              artifact_path: str = "plots") -> list[str]:
         """One PNG per detector, `<artifact_path>/scores_<detector>.png`: histogram of its unwanted
-        scores (shape (n_images,), in [0, 1]) with its threshold and removal rate (score >=
-        threshold). A detector missing from `thresholds` gets no line. Returns the artifact paths."""
+        scores (an array of shape (n_images,) in [0, 1], or a `ScoreHistogram` merged over a run)
+        with its threshold and removal rate (score >= threshold). A detector missing from
+        `thresholds` gets no line. Returns the artifact paths."""
+        from curation.metrics import ScoreHistogram
+
         with tempfile.TemporaryDirectory(prefix="curation-plots-") as tmp:
-            names = [_plot_histogram(name, np.asarray(values, dtype=np.float64).ravel(),
-                                     thresholds.get(name), Path(tmp))
-                     for name, values in scores.items()]
+            names = []
+            for name, values in scores.items():
+                histogram = values if isinstance(values, ScoreHistogram) else ScoreHistogram.of(
+                    values, thresholds.get(name))
+                names.append(_plot_histogram(name, histogram, thresholds.get(name), Path(tmp)))
             self.log_artifacts(tmp, artifact_path)
         return [f"{artifact_path}/{name}" if artifact_path else name for name in names]
 
@@ -418,17 +423,39 @@ def _figure(size=(6.4, 4.8)):
     return fig, fig.subplots()
 
 
-def _plot_histogram(name: str, values: np.ndarray, threshold: float | None, out_dir: Path) -> str:
-    values = values[np.isfinite(values)]
+def _plot_histogram(name: str, histogram, threshold: float | None, out_dir: Path) -> str:
     fig, ax = _figure()
-    ax.hist(values, bins=50, range=(0.0, 1.0), color="tab:blue")
-    title = f"{name}: {values.size} scores"
+    edges = histogram.edges
+    ax.stairs(histogram.counts, edges, fill=True, color="tab:blue")
+    title = f"{name}: {histogram.n} scores"
     if threshold is not None:
         ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.4g}")
-        rate = float((values >= threshold).mean()) if values.size else 0.0
-        title += f", removal rate {rate:.1%}"
+        title += f", removal rate {histogram.removal_rate:.1%}"
         ax.legend(loc="upper center")
     ax.set(xlabel="unwanted score", ylabel="images", xlim=(0, 1), title=title)
     filename = "scores_" + re.sub(r"[^\w.-]", "_", name) + ".png"
     fig.savefig(out_dir / filename, dpi=100)
     return filename
+
+
+def detector_params(artifacts: list[dict[str, bytes]]) -> dict:
+    """Per detector: kind, side, hyper-parameters and corpus provenance (not the word lists)."""
+    out = {}
+    for files in artifacts:
+        meta = json.loads(files["detector.json"])
+        provenance = {k: v for k, v in meta["provenance"].items() if k != "negative_labels"}
+        out[meta["name"]] = {"kind": meta["kind"], "side": meta["side"], "n_task_texts": len(meta["task_texts"]),
+                             "params": meta["params"], "provenance": provenance}
+    return out
+
+
+def log_detectors(tracker: "Tracker", artifacts: list[dict[str, bytes]]) -> None:
+    """Each detector's artifact files under `detectors/<name>/` of the MLflow run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for files in artifacts:
+            name = json.loads(files["detector.json"])["name"]
+            directory = Path(tmp) / name
+            directory.mkdir(parents=True)
+            for file, data in files.items():
+                (directory / file).write_bytes(data)
+            tracker.log_artifacts(str(directory), f"detectors/{name}")

@@ -49,11 +49,6 @@ def test_hash_changes_with_content_and_order():
     assert WordCorpus.from_words("x", ["cat dog"]).sha256 != base
 
 
-def test_corpus_is_frozen():
-    corpus = WordCorpus.from_words("x", ["cat"])
-    with pytest.raises(AttributeError):
-        corpus.name = "y"
-
 
 # --- files and URIs -----------------------------------------------------------------------------
 

@@ -26,20 +26,20 @@ def _decode(directory, name, size=32, **kwargs):
 
 def test_every_zoo_file_gives_its_expected_outcome(zoo):
     directory, expected = zoo
+    returned = set()
     for name, outcome in expected.items():
         result = _decode(directory, name)
         if outcome == "ok":
             assert isinstance(result, np.ndarray), (name, result)
             assert result.shape == (32, 32, 3) and result.dtype == np.uint8, name
+            returned.add("ok")
         else:
             assert isinstance(result, DecodeError), name
             assert result.kind == outcome, (name, result)
             assert result.message, name
-
-
-def test_zoo_covers_every_error_kind(zoo):
-    kinds = set(zoo[1].values())
-    assert {"ok", "empty", "not_an_image", "truncated", "corrupt", "too_large"} <= kinds
+            returned.add(result.kind)
+    # what decode_image actually returned spans every error kind, not only what the zoo expects
+    assert {"ok", "empty", "not_an_image", "truncated", "corrupt", "too_large"} <= returned
 
 
 def test_no_exception_escapes_for_damaged_bytes(zoo):

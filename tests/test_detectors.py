@@ -10,7 +10,7 @@ from curation.detectors import load_detector
 from curation.detectors.hftt import HFTT
 from curation.detectors.mcm import MCM
 from curation.detectors.neglabel import NegLabel
-from curation.text.corpora import load_word_corpus
+from curation.text.corpora import WordNetCorpus, load_word_corpus
 
 WANTED = ["apple", "banana", "bread", "cheese"]
 
@@ -28,7 +28,7 @@ def fitted(kind, cached_tiny, world_corpus, side="wanted"):
                     n_trainable=3, batch_size=4).fit(cached_tiny, world_corpus)
     if kind == "neglabel":
         return NegLabel(WANTED, side=side, ngroup=4, noun_lexnames=["noun.shape"],
-                        adj_lexnames=["adj.ppl"]).fit(cached_tiny)
+                        adj_lexnames=["adj.ppl"]).fit(cached_tiny, WordNetCorpus())
     return MCM(WANTED, side=side).fit(cached_tiny)
 
 

@@ -184,7 +184,7 @@ def test_a_first_run_over_an_empty_source_is_an_error(make_config, tmp_path):
     ("tracking.uri=sqlite:///mlflow.db", "sqlite:///mlflow.db would land"),
 ])
 def test_relative_paths_are_refused_inside_a_ray_job(override, named, make_config, tmp_path, monkeypatch):
-    from curation.workflow import JobPathError
+    from curation.preflight import JobPathError, check_paths_for_ray_job
 
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` gives its entrypoint
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -194,7 +194,7 @@ def test_relative_paths_are_refused_inside_a_ray_job(override, named, make_confi
     assert named in str(err.value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     if override == "tracking.uri=null":
-        workflow.check_paths_for_ray_job(cfg)  # an absolute store from the environment is fine
+        check_paths_for_ray_job(cfg)  # an absolute store from the environment is fine
 
 
 def test_detector_artifacts_reach_actors_through_the_object_store(make_config, tmp_path, monkeypatch, caplog):
@@ -205,18 +205,21 @@ def test_detector_artifacts_reach_actors_through_the_object_store(make_config, t
     import numpy as np
     from ray.data._internal.execution.operators.map_operator import MapOperator
 
+    from curation.detectors.cache import fitted_detectors
     from curation.pipeline import ray_data
+    from curation.pipeline.plan import make_partitions
+    from curation.pipeline.stream import preprocess_of
 
     source = tmp_path / "images"
     write_rgb_images(source, 3)
     cfg = make_config(str(source), detectors=("mcm",))
-    artifacts, _ = workflow.fitted_detectors(cfg)
+    artifacts, _ = fitted_detectors(cfg)
     padded = [files | {"padding.bin": np.random.default_rng(0).bytes(2 * 2**20)} for files in artifacts]
     monkeypatch.setattr(MapOperator, "MAP_UDF_WARN_SIZE_THRESHOLD", 2**20)
-    partitions = workflow.make_partitions(sorted(p.name for p in source.iterdir()), "images", 8)
+    partitions = make_partitions(sorted(p.name for p in source.iterdir()), "images", 8)
     monkeypatch.setattr(logging.getLogger("ray.data"), "handlers", [caplog.handler])  # it does not propagate
     with caplog.at_level(logging.WARNING):
         batches = list(ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, padded, {"mcm": 0.5},
-                                       workflow.preprocess_of(cfg)))
+                                       preprocess_of(cfg)))
     assert sum(len(b["id"]) for b in batches) == 3
     assert not [r for r in caplog.records if "too large" in r.getMessage()]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from curation import workflow
+from curation import preflight, workflow
+from curation.detectors import cache
+from curation.thresholds import CalibrationError
 from curation.detectors.base import ARTIFACT_JSON, ARTIFACT_TENSORS, detector_from_files
 from images import write_rgb_images
 
@@ -19,7 +21,7 @@ def test_quantile_threshold_is_not_calibrated_on_a_tiny_sample(make_config, tmp_
     write_rgb_images(source / "a", 3, seed=11)
     quantile = "detectors.0.threshold={strategy: quantile, value: 0.3, sample_size: 64, min_sample: 5}"
     cfg = make_config(str(source), quantile, detectors=("mcm",))
-    with pytest.raises(workflow.CalibrationError, match=r"at least 5 decodable images .* found 3 .*min_sample"):
+    with pytest.raises(CalibrationError, match=r"at least 5 decodable images .* found 3 .*min_sample"):
         workflow.curate(cfg)
     stored = tmp_path / "out" / "test" / "_thresholds.json"
     assert "mcm" not in (json.loads(stored.read_text()) if stored.exists() else {})
@@ -35,13 +37,13 @@ def test_corpus_edited_in_place_is_refitted(make_config, tmp_path):
     corpus.write_text("car\ntree\nhouse\nriver\ncloud\n")
     cfg = make_config(str(tmp_path / "unused"), f"cache_dir={tmp_path / 'cache'}", f"detectors.0.corpus={corpus}",
                       detectors=("hftt",))
-    key = workflow.detector_key(cfg.model, cfg.detectors[0])
-    assert workflow.fitted_detectors(cfg)[1] == {"hftt": False}
-    assert workflow.fitted_detectors(cfg)[1] == {"hftt": True}
+    key = cache.detector_key(cfg.model, cfg.detectors[0])
+    assert cache.fitted_detectors(cfg)[1] == {"hftt": False}
+    assert cache.fitted_detectors(cfg)[1] == {"hftt": True}
 
     corpus.write_text("car\ntree\nhouse\nriver\nboat\n")  # same path, new words
-    assert workflow.detector_key(cfg.model, cfg.detectors[0]) != key
-    artifacts, reused = workflow.fitted_detectors(cfg)
+    assert cache.detector_key(cfg.model, cfg.detectors[0]) != key
+    artifacts, reused = cache.fitted_detectors(cfg)
     assert reused == {"hftt": False}
     assert json.loads(artifacts[0][ARTIFACT_JSON])["provenance"]["corpus"]["size"] == 5
 
@@ -50,44 +52,44 @@ def _rewrite_identity(entry: Path) -> None:
     """A well-formed entry with consistent checksums, but fitted for another model."""
     meta = json.loads((entry / ARTIFACT_JSON).read_text())
     meta["model_identity"] = "ViT-B-16/openai"
-    workflow._cache_artifact(entry, {ARTIFACT_JSON: json.dumps(meta).encode(),
-                                     ARTIFACT_TENSORS: (entry / ARTIFACT_TENSORS).read_bytes()})
+    cache.cache_artifact(entry, {ARTIFACT_JSON: json.dumps(meta).encode(),
+                                 ARTIFACT_TENSORS: (entry / ARTIFACT_TENSORS).read_bytes()})
 
 
 DAMAGE = {
     "truncated tensors": lambda entry: (entry / ARTIFACT_TENSORS).write_bytes((entry / ARTIFACT_TENSORS).read_bytes()[:40]),
     "garbage detector.json": lambda entry: (entry / ARTIFACT_JSON).write_text("{not json"),
-    "no completion record": lambda entry: (entry / workflow.CACHE_RECORD).unlink(),
+    "no completion record": lambda entry: (entry / cache.CACHE_RECORD).unlink(),
     "another model": _rewrite_identity,
 }
 
 
 def test_damaged_cache_entries_are_refitted_not_used(make_config, tmp_path, caplog):
     cfg = make_config(str(tmp_path / "unused"), f"cache_dir={tmp_path / 'cache'}", detectors=("mcm",))
-    entry = tmp_path / "cache" / "detectors" / workflow.detector_key(cfg.model, cfg.detectors[0])
-    good, reused = workflow.fitted_detectors(cfg)
+    entry = tmp_path / "cache" / "detectors" / cache.detector_key(cfg.model, cfg.detectors[0])
+    good, reused = cache.fitted_detectors(cfg)
     assert reused == {"mcm": False} and sorted(good[0]) == [ARTIFACT_JSON, ARTIFACT_TENSORS]
     for what, damage in DAMAGE.items():
         damage(entry)
         with caplog.at_level(logging.WARNING, logger="curation"):
-            artifacts, reused = workflow.fitted_detectors(cfg)
+            artifacts, reused = cache.fitted_detectors(cfg)
         assert reused == {"mcm": False}, what
         assert "refitting" in caplog.text, what
         caplog.clear()
         detector_from_files(artifacts[0], "tiny-clip/random-seed0")  # a usable artifact came back
         assert artifacts[0][ARTIFACT_TENSORS] == good[0][ARTIFACT_TENSORS], what
-    assert workflow.fitted_detectors(cfg)[1] == {"mcm": True}, "the refit repaired the cache entry"
+    assert cache.fitted_detectors(cfg)[1] == {"mcm": True}, "the refit repaired the cache entry"
 
 
 def test_local_paths_are_refused_on_a_multi_node_cluster_unless_declared_shared(make_config, tmp_path):
     cfg = make_config(tmp_path / "images", f"evaluation.wanted_uri={tmp_path / 'wanted'}", detectors=("mcm",))
-    workflow.check_local_paths_on_cluster(cfg, nodes=1)  # one node: its disk is everybody's
-    with pytest.raises(workflow.ClusterPathError) as refused:
-        workflow.check_local_paths_on_cluster(cfg, nodes=3)
+    preflight.check_local_paths_on_cluster(cfg, nodes=1)  # one node: its disk is everybody's
+    with pytest.raises(preflight.ClusterPathError) as refused:
+        preflight.check_local_paths_on_cluster(cfg, nodes=3)
     message = str(refused.value)
     assert "3 nodes" in message and "compute.shared_filesystem: true" in message
     assert all(f"{field}=" in message for field in ("source.uri", "output.uri", "evaluation.wanted_uri"))
-    workflow.check_local_paths_on_cluster(make_config(tmp_path / "images", "compute.shared_filesystem=true",
-                                                      detectors=("mcm",)), nodes=3)
+    preflight.check_local_paths_on_cluster(make_config(tmp_path / "images", "compute.shared_filesystem=true",
+                                                       detectors=("mcm",)), nodes=3)
     s3 = make_config("s3://bucket/images", "output.uri=s3://bucket/out", detectors=("mcm",))
-    workflow.check_local_paths_on_cluster(s3, nodes=3)
+    preflight.check_local_paths_on_cluster(s3, nodes=3)

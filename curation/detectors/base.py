@@ -56,13 +56,20 @@ class Detector:
     """Estimator contract: `__init__` stores arguments, `fit` learns from text, `score` returns an
     unwanted score in [0, 1] per image embedding row.
 
-    Subclasses set `kind`, list their hyper-parameters in `params`, implement `fit`, `_score`
-    (the raw math on a tensor) and `_tensors` (fitted state to persist).
+    Subclasses set `kind`, list their hyper-parameters in `params`, say which text besides the task
+    texts they learn from in `corpus_kind`, implement `fit`, `_score` (the raw math on a tensor)
+    and `_tensors` (fitted state to persist).
+
+    Every kind is fitted the same way, `fit(encoder, corpus)`, where the job hands in the corpus
+    `curation.text.corpora.load_corpus(corpus_kind, ...)` returns: None, a `WordCorpus` (the word
+    list that `DetectorConfig.corpus` names) or the `WordNetCorpus`. A detector reads no text
+    source itself, so the job and the artifact cache treat all kinds alike.
     """
 
     kind: ClassVar[str]
     version: ClassVar[int] = 1
     params: ClassVar[tuple[str, ...]] = ()
+    corpus_kind: ClassVar[str | None] = None  # None, "word_list" or "wordnet"
     registry: ClassVar[dict[str, type["Detector"]]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -79,6 +86,10 @@ class Detector:
         self.threshold = threshold
         self.model_identity_: str | None = None
         self.provenance_: dict[str, Any] = {}
+
+    def fit(self, encoder, corpus=None) -> "Detector":
+        """Learn from the task texts (and `corpus`, see `corpus_kind`) encoded by `encoder`."""
+        raise NotImplementedError
 
     # -- fitted state -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, "torch.Tensor"]:

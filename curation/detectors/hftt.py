@@ -201,6 +201,7 @@ class HFTT(Detector):
     with side="unwanted" (task texts describe the concept to remove) it is p_task."""
 
     kind = "hftt"
+    corpus_kind = "word_list"
     params = ("templates", "n_trainable", "temperature", "focal", "lr", "momentum", "batch_size",
               "epochs", "seed")
 

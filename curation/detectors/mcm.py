@@ -32,7 +32,8 @@ class MCM(Detector):
             raise ValueError("MCM needs at least two task texts: with one, every image scores 1")
         self.template, self.temperature = template, temperature
 
-    def fit(self, encoder) -> "MCM":
+    def fit(self, encoder, corpus=None) -> "MCM":
+        """Task texts only (`corpus_kind` None)."""
         return self.fit_embeddings(encoder.encode_text(fill(self.template, self.task_texts)), encoder.identity)
 
     def fit_embeddings(self, label_emb, model_identity: str) -> "MCM":

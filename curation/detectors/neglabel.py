@@ -18,6 +18,8 @@ from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLAT
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from curation.text.corpora import WordNetCorpus
+
 log = logging.getLogger("curation.detectors")
 _QUANTILE_ROWS = 8192  # torch.quantile refuses inputs over 2**24 elements
 
@@ -93,6 +95,7 @@ class NegLabel(Detector):
     side="unwanted": task texts describe the concept to remove, unwanted = its ID-ness."""
 
     kind = "neglabel"
+    corpus_kind = "wordnet"
     params = ("percentile", "fraction", "temperature", "ngroup", "seed", "noun_lexnames", "adj_lexnames")
 
     def __init__(self, task_texts: Sequence[str], side: str = "wanted", name: str | None = None,
@@ -105,11 +108,12 @@ class NegLabel(Detector):
         self.noun_lexnames = list(noun_lexnames) if noun_lexnames is not None else None
         self.adj_lexnames = list(adj_lexnames) if adj_lexnames is not None else None
 
-    def fit(self, encoder) -> "NegLabel":
-        """Encode ID labels and WordNet candidates with `encoder`, then mine the negatives."""
+    def fit(self, encoder, corpus: "WordNetCorpus") -> "NegLabel":
+        """Encode ID labels and the WordNet candidates this detector's lexnames select from
+        `corpus` with `encoder`, then mine the negatives."""
         from curation.text import corpora
 
-        nouns, adjs = corpora.wordnet_candidates(
+        nouns, adjs = corpus.candidates(
             tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
             tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
         log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns and %d adjectives",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -44,9 +45,10 @@ VARIANT_SUFFIXES = ("outline-rounded", "outline-sharp", "outline", "outlined", "
 _NUMBERED = re.compile(r"-(\d+|one|two|three|alt)$")
 
 
-def iconify_dir() -> Path:
-    from curation.emoji.render import NPM_PREFIX
+NPM_PREFIX = Path(os.environ.get("CURATION_NPM_PREFIX", Path.home() / ".cache" / "curation" / "npm"))
 
+
+def iconify_dir() -> Path:
     return NPM_PREFIX / "node_modules" / ICONIFY_SCOPE
 
 
@@ -68,8 +70,6 @@ def missing_specs() -> list[str]:
 
 def npm_install_command(prefixes: Iterable[str] | None = None) -> str:
     """The install command for error messages and the README."""
-    from curation.emoji.render import NPM_PREFIX
-
     return f"npm install --prefix {NPM_PREFIX} --no-audit --no-fund --save-exact {' '.join(npm_specs(prefixes))}"
 
 

@@ -39,7 +39,7 @@ SYMBOLA_FONT = Path(os.environ.get("CURATION_SYMBOLA_FONT",
                                    "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"))
 TWEMOJI_NPM_PACKAGE = "emoji-datasource-twitter"
 TWEMOJI_NPM_VERSION = "16.0.0"
-NPM_PREFIX = Path(os.environ.get("CURATION_NPM_PREFIX", Path.home() / ".cache" / "curation" / "npm"))
+NPM_PREFIX = iconify.NPM_PREFIX  # npm packages live outside the repository ($CURATION_NPM_PREFIX)
 TWEMOJI_DIR = Path(os.environ.get(
     "CURATION_TWEMOJI_DIR", NPM_PREFIX / "node_modules" / TWEMOJI_NPM_PACKAGE / "img" / "twitter" / "64"))
 NOTO_SIZE = 109  # the only size the CBDT bitmap font has

@@ -43,12 +43,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from curation.emoji import catalog, iconify, render
 from curation.progress import Progress, configure_logging
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 log = logging.getLogger("curation.emoji.train")
 

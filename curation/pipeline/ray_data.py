@@ -108,7 +108,7 @@ def ray_map_shards(model_cfg: ModelConfig) -> Callable:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_model(model_cfg: ModelConfig):
+def worker_model(model_cfg: ModelConfig):
     from curation.models import load_model
 
     return load_model(model_cfg)
@@ -119,7 +119,7 @@ def _encode_shard(model_cfg: ModelConfig, texts: list[str], what: str) -> np.nda
     from curation.progress import Progress
 
     with Progress(what, len(texts), "texts") as progress:
-        return _worker_model(model_cfg).encode_text(texts, progress=progress)
+        return worker_model(model_cfg).encode_text(texts, progress=progress)
 
 
 class EmbedAndScore:
@@ -137,7 +137,7 @@ class EmbedAndScore:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.encoder = _worker_model(model_cfg)
+        self.encoder = worker_model(model_cfg)
         self.detectors = [detector_from_files(files, self.encoder.identity) for files in ray.get(detector_files)]
         self.thresholds, self.mean, self.std = thresholds, mean, std
 
@@ -219,6 +219,68 @@ def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelCo
                                "thresholds": thresholds, "mean": mean, "std": std,
                                "torch_threads": compute.torch_threads})
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class RescorePartitions:
+    """Ray Data callable class for `rescore`: one stored partition in (its scores/ and failed/
+    files, embeddings included), decided with new detectors or thresholds, written to the new run
+    directory where the actor runs; out goes one row of counts and score histograms (JSON)."""
+
+    def __init__(self, detector_files, thresholds: dict[str, float], previous, run, source: SourceConfig,
+                 detector_names: list[str], store_embeddings: bool):
+        import ray
+
+        from curation.detectors.base import detector_from_files
+
+        self.detectors = [detector_from_files(files) for files in ray.get(detector_files)]
+        self.thresholds, self.previous, self.run, self.source = thresholds, previous, run, source
+        self.names, self.store_embeddings = detector_names, store_embeddings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        from curation.metrics import ScoreHistogram
+        from curation.pipeline.score import decide
+        from curation.pipeline.write import read_partition_results, write_partition
+
+        (descriptor,) = batch["partition"]
+        partition = Partition.from_json(descriptor)
+        try:
+            results = read_partition_results(self.previous, partition.id)
+            ok = results["error_kind"] == ""
+            results |= decide(results["embedding"], ok, self.detectors, self.thresholds)
+            outcome = write_partition(self.run, partition, results, self.source, self.names, self.store_embeddings)
+            outcome["histograms"] = {n: ScoreHistogram.of(results[f"score_{n}"][ok], t).counts.tolist()
+                                     for n, t in self.thresholds.items()}
+        except Exception as err:  # noqa: BLE001 - one partition's failure is recorded, the others go on
+            outcome = {"unfinished": f"{type(err).__name__}: {err}"[:2000], "partition": partition.id}
+        return {"partition": np.array([partition.id], dtype=object), "outcome": np.array([json.dumps(outcome)], dtype=object)}
+
+
+def rescore_stream(partitions: list[Partition], previous, run, source: SourceConfig, compute: ComputeConfig,
+                   detector_files: list[dict], thresholds: dict[str, float], detector_names: list[str],
+                   store_embeddings: bool) -> Iterator[tuple[str, dict]]:
+    """(partition id, outcome) per stored partition, as each is rescored and written: a Ray Data
+    pipeline over scores/, one partition per batch, on an actor pool that loads the detectors once
+    per actor; the driver receives counts and histograms only."""
+    import json
+
+    import ray
+
+    if not partitions:
+        return
+    compute = resolve_compute(compute, node_cpus(), 0.0)
+    _quiet_ray_data_progress()
+    dataset = ray.data.from_items([{"partition": p.to_json()} for p in partitions],
+                                  override_num_blocks=max(len(partitions), 1))
+    dataset = dataset.map_batches(
+        RescorePartitions, batch_size=1, num_cpus=compute.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=compute.actors),
+        fn_constructor_kwargs={"detector_files": ray.put(detector_files), "thresholds": thresholds,
+                               "previous": previous, "run": run, "source": source,
+                               "detector_names": detector_names, "store_embeddings": store_embeddings})
+    for row in dataset.iter_rows():
+        yield row["partition"], json.loads(row["outcome"])
 
 
 def submit(fn: Callable, *args, num_cpus: float = 0.25):

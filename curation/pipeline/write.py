@@ -15,7 +15,7 @@ import numpy as np
 from curation import storage
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.decode import DecodeError
-from curation.pipeline.read import UNAVAILABLE, fetch, read_source_shard, read_source_table
+from curation.pipeline.read import UNAVAILABLE, fetch, read_parquet_table, read_source_shard, read_source_table
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
 
@@ -114,6 +114,26 @@ def _failed_table(results: dict):
                      "error_kind": results["error_kind"][bad].tolist(),
                      "message": results["error_message"][bad].tolist(),
                      "whole_file": results["whole_file"][bad].astype(bool)}, schema=schema)
+
+
+def read_partition_results(previous: RunDirectory, pid: str) -> dict[str, np.ndarray]:
+    """A finished partition's rows rebuilt from its scores/ and failed/ files (embeddings included):
+    the reader of the layout `_scores_table` and `_failed_table` write."""
+    scored = read_parquet_table(previous.path("scores", f"{pid}.parquet"), previous.options)
+    failed = read_parquet_table(previous.path("failed", f"{pid}.parquet"), previous.options)
+    if "embedding" not in scored.column_names:
+        raise ValueError(f"{previous.uri}/scores holds no embeddings: run curate with output.store_embeddings=true")
+    n_ok, n_bad = scored.num_rows, failed.num_rows
+    dim = scored.schema.field("embedding").type.list_size
+    embedding = np.asarray(scored.column("embedding").combine_chunks().flatten(), np.float32).reshape(n_ok, dim)
+    column = lambda name: np.array(scored.column(name).to_pylist() + failed.column(name).to_pylist(), dtype=object)
+    return {"id": column("id"), "source": column("source"),
+            "position": np.array(scored.column("position").to_pylist() + failed.column("position").to_pylist()),
+            "error_kind": np.array([""] * n_ok + failed.column("error_kind").to_pylist(), dtype=object),
+            "error_message": np.array([""] * n_ok + failed.column("message").to_pylist(), dtype=object),
+            "whole_file": np.array([False] * n_ok + (failed.column("whole_file").to_pylist()
+                                                     if "whole_file" in failed.column_names else [False] * n_bad)),
+            "embedding": np.concatenate([embedding, np.zeros((n_bad, dim), np.float32)])}
 
 
 def partition_counts(partition: Partition, results: dict, detector_names: list[str]) -> dict:

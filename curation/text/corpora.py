@@ -57,6 +57,31 @@ class WordCorpus:
         return {"name": self.name, "sha256": self.sha256, "size": self.size}
 
 
+@dataclass(frozen=True)
+class WordNetCorpus:
+    """WordNet 3.0 through nltk, as NegLabel learns from it: candidate words selected by
+    lexicographer file (the detector's own params). Holds nothing: WordNet is read on first use."""
+
+    name: str = "wordnet"
+
+    def candidates(self, noun_lexnames: Iterable[str], adj_lexnames: Iterable[str]) -> tuple[list[str], list[str]]:
+        return wordnet_candidates(noun_lexnames, adj_lexnames)
+
+
+CORPUS_KINDS = (None, "word_list", "wordnet")
+
+
+def load_corpus(kind: str | None, word_list: str | None = None,
+                storage_options: dict | None = None) -> "WordCorpus | WordNetCorpus | None":
+    """The corpus a detector kind learns from (`Detector.corpus_kind`): nothing, the word list
+    `word_list` names (`load_word_corpus`), or WordNet."""
+    if kind not in CORPUS_KINDS:
+        raise ValueError(f"unknown corpus kind {kind!r}; known: {CORPUS_KINDS}")
+    if kind == "word_list":
+        return load_word_corpus(word_list, storage_options)
+    return WordNetCorpus() if kind == "wordnet" else None
+
+
 def dedup(words: Iterable[str]) -> list[str]:
     """Keep the first occurrence of each word, in order (dict keys keep insertion order)."""
     return list(dict.fromkeys(words))

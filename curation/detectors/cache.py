@@ -1,0 +1,120 @@
+"""Fitted detector artifacts for a run: reused from the cache, fetched from the Model Registry, or
+fitted from text in Ray Tasks (one per detector) and cached.
+
+A cache entry is a directory named by `detector_key` under `<cache>/detectors/`, holding the
+artifact files and `_complete.json` ({file name: sha256}), written last: an entry without it, or
+whose files fail their checksums or do not load for the model, is refitted, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from curation import registry, storage
+from curation.config import DetectorConfig, RunConfig
+from curation.detectors.base import Detector, artifact_checksums, detector_from_files, detector_to_files
+from curation.models import ModelConfig, model_identity
+from curation.pipeline import ray_data
+from curation.text.corpora import load_corpus
+
+log = logging.getLogger("curation")
+CACHE_RECORD = "_complete.json"  # {file name: sha256} of a cached artifact, written last
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else storage.cache_home()
+
+
+def detector_class(det: DetectorConfig) -> type[Detector]:
+    return Detector.registry[det.kind]
+
+
+def build_detector(det: DetectorConfig) -> Detector:
+    return detector_class(det)(det.task_texts, side=det.side, name=det.label, **det.params)
+
+
+def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) -> dict[str, bytes]:
+    """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached)."""
+    import torch
+
+    from curation.progress import ensure_worker_logging
+    from curation.text.cache import CachedTextEncoder
+
+    ensure_worker_logging()
+    log.info("fitting %s detector %r", det.kind, det.label)
+    # On a GPU the task encodes its own shards; on CPUs, shards fan out over Ray Tasks.
+    map_shards = None if torch.cuda.is_available() else ray_data.ray_map_shards(model_cfg)
+    encoder = CachedTextEncoder(ray_data.worker_model(model_cfg), Path(cache_dir) / "text", map_shards=map_shards)
+    detector = build_detector(det)
+    detector.fit(encoder, load_corpus(detector_class(det).corpus_kind, det.corpus))
+    return detector_to_files(detector)
+
+
+def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
+    """Fitted state depends on the model and every field but the threshold that the detector's kind
+    uses: `corpus` only for kinds that learn from a word list, and then by its content (sha256 of
+    the cleaned words), so a word list edited in place is refitted and other kinds never are.
+    Task texts are already inlined by the config (`task_file` -> `task_texts`)."""
+    fit_config = {k: v for k, v in dataclasses.asdict(det).items() if k not in ("threshold", "corpus")}
+    corpus_kind = detector_class(det).corpus_kind
+    if corpus_kind == "word_list":
+        fit_config["corpus"] = load_corpus(corpus_kind, det.corpus).provenance()
+    payload = json.dumps({"model": model_identity(model_cfg), "detector": fit_config}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, bool]]:
+    """Artifacts of every configured detector: reused from the cache when config and model match
+    and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached.
+    Registered detectors (resolved by `registry.resolve`) are downloaded, never fitted."""
+    root, identity = cache_root(cfg) / "detectors", model_identity(cfg.model)
+    keys = [None if det.registered else detector_key(cfg.model, det) for det in cfg.detectors]
+    cached = [registry.fetch(cfg, det) if det.registered else cached_artifact(root / key, identity)
+              for det, key in zip(cfg.detectors, keys)]
+    todo = [(cfg.model, det, str(cache_root(cfg))) for det, files in zip(cfg.detectors, cached) if files is None]
+    gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
+    if todo:
+        reused = [d.label for d, files in zip(cfg.detectors, cached) if files is not None]
+        log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
+                 ", ".join(d.label for _, d, _ in todo), ", ".join(reused) or "none")
+    fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
+    artifacts = [files if files is not None else cache_artifact(root / key, next(fitted))
+                 for key, files in zip(keys, cached)]
+    return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
+
+
+def cache_artifact(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Write a fitted artifact; the checksum record last, since it marks the entry complete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CACHE_RECORD).unlink(missing_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    (directory / CACHE_RECORD).write_text(json.dumps(artifact_checksums(files), indent=2))
+    return files
+
+
+def cached_artifact(directory: Path, identity: str) -> dict[str, bytes] | None:
+    """The cached artifact if it is complete, matches its checksums and loads for model `identity`;
+    None (refit) otherwise, with a warning when an entry was there but failed the check."""
+    if not directory.exists():
+        return None
+    try:
+        record = json.loads((directory / CACHE_RECORD).read_text())
+        files = {name: (directory / name).read_bytes() for name in record}
+        checksums = artifact_checksums(files)
+        corrupt = sorted(n for n in files if checksums[n] != record[n])
+        if corrupt:
+            raise ValueError(f"checksum mismatch in {corrupt}")
+        detector_from_files(files, identity)
+    except Exception as err:  # noqa: BLE001 - any fault in a cache entry means: fit again
+        log.warning("cached detector %s is unusable (%s: %s); refitting", directory, type(err).__name__, err)
+        return None
+    return files
+
+
+def load_artifacts(artifacts: list[dict[str, bytes]]) -> list[Detector]:
+    return [detector_from_files(files) for files in artifacts]

@@ -1,0 +1,172 @@
+"""The image stream as the jobs consume it: rows grouped back into partitions, progress, writer
+results and counts, and scoring image sets without deciding (calibration and evaluation).
+
+Rows arrive from `ray_data.stream` in any order across partitions; a partition's rows are complete
+when as many arrived as its `n_items` column says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from curation.config import RunConfig
+from curation.metrics import ScoreHistogram
+from curation.pipeline import ray_data
+from curation.pipeline.plan import Partition, make_partitions, relative_inputs
+from curation.pipeline.write import FAILED, KEEP, REMOVE
+from curation.progress import Progress
+
+log = logging.getLogger("curation")
+NEVER = float("inf")  # threshold that never fires: used while only scores are wanted
+
+
+def preprocess_of(cfg: RunConfig) -> tuple[int, tuple, tuple]:
+    from curation.pipeline.decode import preprocess_config
+
+    return preprocess_config(cfg.model.name, cfg.model.pretrained)
+
+
+def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts, source=None,
+                     what: str = "scoring images") -> dict[str, np.ndarray]:
+    """Scores of every decodable item in `partitions` of `source` (default: the run's source);
+    no decisions, nothing written, no row kept beyond its scores. Progress reported as `what`."""
+    source = source or cfg.source
+    names = [det.label for det in cfg.detectors]
+    never = dict.fromkeys(names, NEVER)
+    scores, failed, counter = {n: [] for n in names}, 0, PartitionCounter()
+    with StreamProgress(what, partitions, decided=False) as progress:
+        for batch in ray_data.stream(partitions, source, cfg.model, cfg.compute, artifacts, never, preprocess_of(cfg)):
+            ok = batch["decision"] != FAILED
+            for n in names:
+                scores[n].append(batch[f"score_{n}"][ok])
+            failed += int((~ok).sum())
+            progress.add(batch, counter.add(batch))
+    return {f"score_{n}": np.concatenate(v) if v else np.zeros(0, np.float32) for n, v in scores.items()} | {
+        "failed": failed}
+
+
+def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts,
+                    what: str = "scoring images") -> dict[str, np.ndarray]:
+    source = dataclasses.replace(cfg.source, uri=uri, format=fmt, storage_options=options)
+    partitions = make_partitions(relative_inputs(uri, options, fmt), fmt, cfg.source.partition_size)
+    if not partitions:
+        raise ValueError(f"no {fmt} inputs found under {uri}")
+    return score_partitions(cfg, partitions, artifacts, source, what)
+
+
+class PartitionCounter:
+    """How many partitions a stream has completed, without keeping their rows."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> int:
+        """Count a batch's rows; returns how many partitions it completed."""
+        completed = 0
+        pids, first, counts = np.unique(batch["partition"], return_index=True, return_counts=True)
+        for pid, row, count in zip(pids, first, counts):
+            self.seen[pid] = self.seen.get(pid, 0) + int(count)
+            completed += self.seen[pid] == int(batch["n_items"][row])
+        return completed
+
+
+def score_histograms(thresholds: dict[str, float]) -> dict[str, ScoreHistogram]:
+    return {name: ScoreHistogram(value) for name, value in thresholds.items()}
+
+
+def add_to_histograms(histograms: dict[str, ScoreHistogram], batch: dict[str, np.ndarray]) -> None:
+    """A batch's scores of decoded items into the run's per-detector histograms."""
+    ok = batch["decision"] != FAILED
+    for name, histogram in histograms.items():
+        histogram.add(batch[f"score_{name}"][ok])
+
+
+class PartitionCollector:
+    """Groups streamed rows by partition; yields a partition's columns once all its rows arrived."""
+
+    def __init__(self, partitions: list[Partition]):
+        self.partitions = {p.id: p for p in partitions}
+        self.rows: dict[str, list[dict]] = {}
+        self.seen: dict[str, int] = {}
+
+    def add(self, batch: dict[str, np.ndarray]):
+        for pid in np.unique(batch["partition"]):
+            mask = batch["partition"] == pid
+            part = {k: v[mask] for k, v in batch.items()}
+            self.rows.setdefault(pid, []).append(part)
+            self.seen[pid] = self.seen.get(pid, 0) + int(mask.sum())
+            if self.seen[pid] == int(part["n_items"][0]):
+                chunks = self.rows.pop(pid)
+                yield self.partitions[pid], {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def unseen(self, dim: int, detector_names: list[str]):
+        """Partitions that produced no rows at all (empty files): finished with empty outputs."""
+        if self.rows:
+            raise RuntimeError(f"stream ended with incomplete partitions: {sorted(self.rows)}")
+        empty = {k: np.zeros(0, object) for k in ("partition", "id", "source", "error_kind", "error_message",
+                                                  "decision", "fired")}
+        empty |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64), "whole_file": np.zeros(0, bool),
+                  "embedding": np.zeros((0, dim), np.float32)}
+        empty |= {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
+        for pid, partition in self.partitions.items():
+            if pid not in self.seen:
+                yield partition, empty
+
+
+class StreamProgress:
+    """Progress of an image stream. Image folders: images done against the file count. Parquet
+    and WebDataset items are counted only once read: partitions done against the total, items
+    as an extra. Kept/removed/failed so far (only failed while scoring: nothing is decided)."""
+
+    def __init__(self, what: str, partitions: list[Partition], decided: bool = True):
+        self.by_images = bool(partitions) and all(p.format == "images" for p in partitions)
+        total, unit = ((sum(len(p.inputs) for p in partitions), "images") if self.by_images
+                       else (len(partitions), "partitions"))
+        self.counts = dict.fromkeys(("items", "kept", "removed", "failed") if decided else ("items", "failed"), 0)
+        self.progress = Progress(what, total, unit, **self.counts)
+
+    def __enter__(self) -> "StreamProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.progress.close(ok=exc_type is None)
+
+    def add(self, batch: dict[str, np.ndarray], finished_partitions: int) -> None:
+        decisions = batch["decision"]
+        self.counts["items"] += len(decisions)
+        for outcome, key in ((FAILED, "failed"), (KEEP, "kept"), (REMOVE, "removed")):
+            if key in self.counts:
+                self.counts[key] += int((decisions == outcome).sum())
+        self.progress.update(len(decisions) if self.by_images else finished_partitions, **self.counts)
+
+
+def wait_for_writers(jobs: list[tuple[Partition, object]]) -> tuple[list[dict], list[dict]]:
+    """Counts of the partitions written, and {partition, reason} of those left for the next run:
+    transiently unreadable inputs, or a writer task that failed (its error is the reason)."""
+    counts, unfinished = [], []
+    with Progress("writing partitions", len(jobs), "partitions") as progress:
+        for (partition, _), result in zip(jobs, ray_data.wait_all([ref for _, ref in jobs])):
+            if isinstance(result, Exception):
+                unfinished.append({"partition": partition.id, "reason": f"{type(result).__name__}: {result}"[:2000]})
+            elif "unfinished" in result:
+                unfinished.append({"partition": partition.id, "reason": result["unfinished"][:2000]})
+            else:
+                counts.append(result)
+            progress.update(1, unfinished=len(unfinished))
+    if unfinished:
+        log.warning("%d of %d partitions left unfinished (the next run retries them), e.g. %s", len(unfinished),
+                    len(jobs), unfinished[0]["reason"])
+    return counts, unfinished
+
+
+def sum_counts(counts: list[dict], names: list[str]) -> dict:
+    total = {k: sum(c.get(k, 0) for c in counts) for k in ("items", "kept", "removed", "failed", "files",
+                                                          "failed_files")}
+    total["fired"] = {n: sum(c["fired"].get(n, 0) for c in counts) for n in names}
+    total["partitions"] = len(counts)
+    return total
+
+

@@ -1,0 +1,196 @@
+"""Unit tests of the pieces the end-to-end runs cover only together: grouping streamed rows into
+partitions, decisions, writing a partition, the manifest and its compaction, thresholds from a
+rate, histograms that merge, and `--set` overrides. No Ray, no model: plain arrays and files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from curation import storage
+from curation.config import ConfigError, SourceConfig, apply_override
+from curation.metrics import ScoreHistogram, threshold_for_rate
+from curation.pipeline.plan import Partition, RunDirectory
+from curation.pipeline.score import decide
+from curation.pipeline.stream import PartitionCollector, PartitionCounter
+from curation.pipeline.write import FAILED, KEEP, REMOVE, read_partition_results, write_partition
+from images import write_rgb_images
+
+
+def _rows(pid: str, n_items: int, positions, decisions=None, dim: int = 4) -> dict[str, np.ndarray]:
+    n = len(positions)
+    decisions = decisions if decisions is not None else [KEEP] * n
+    return {
+        "partition": np.array([pid] * n, dtype=object), "n_items": np.full(n, n_items, np.int64),
+        "position": np.asarray(positions, np.int64), "id": np.array([f"{pid}-{p}.png" for p in positions], dtype=object),
+        "source": np.array([pid] * n, dtype=object),
+        "error_kind": np.array(["" if d != FAILED else "decode" for d in decisions], dtype=object),
+        "error_message": np.array(["" if d != FAILED else "bad bytes" for d in decisions], dtype=object),
+        "whole_file": np.zeros(n, bool), "decision": np.array(decisions, dtype=object),
+        "fired": np.array(["d" if d == REMOVE else "" for d in decisions], dtype=object),
+        "score_d": np.where(np.array(decisions) == REMOVE, 0.9, 0.1).astype(np.float32),
+        "embedding": np.ones((n, dim), np.float32),
+    }
+
+
+def _concat(*batches: dict) -> dict:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+# -- grouping streamed rows --------------------------------------------------------------------
+def test_collector_yields_a_partition_once_all_its_rows_arrived_in_any_order():
+    a, b = Partition("a", "images", ("x",)), Partition("b", "images", ("y",))
+    collector = PartitionCollector([a, b, Partition("empty", "images", ("z",))])
+    first = _concat(_rows("a", 3, [2]), _rows("b", 2, [1]))
+    assert list(collector.add(first)) == []
+    done = list(collector.add(_concat(_rows("b", 2, [0]), _rows("a", 3, [0]))))
+    assert [p.id for p, _ in done] == ["b"] and sorted(done[0][1]["position"]) == [0, 1]
+    with pytest.raises(RuntimeError, match="incomplete partitions: \\['a'\\]"):
+        list(collector.unseen(4, ["d"]))
+    [(partition, rows)] = list(collector.add(_rows("a", 3, [1])))
+    assert partition is a and sorted(rows["position"]) == [0, 1, 2]
+    [(partition, rows)] = list(collector.unseen(4, ["d"]))  # produced no rows at all
+    assert partition.id == "empty" and len(rows["id"]) == 0 and rows["embedding"].shape == (0, 4)
+
+
+def test_partition_counter_counts_completions_without_keeping_rows():
+    counter = PartitionCounter()
+    assert counter.add(_concat(_rows("a", 2, [0]), _rows("b", 1, [0]))) == 1
+    assert counter.add(_rows("a", 2, [1])) == 1
+    assert counter.seen == {"a": 2, "b": 1}
+
+
+# -- decisions -----------------------------------------------------------------------------------
+class _Fixed:
+    """A detector stand-in whose score is the embedding's first column."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def score(self, embeddings):
+        return embeddings[:, 0]
+
+
+def test_decide_removes_when_any_detector_reaches_its_threshold():
+    emb = np.array([[0.2, 0], [0.5, 0], [0.9, 0], [0.7, 0]], np.float32)
+    ok = np.array([True, True, True, False])
+    out = decide(emb, ok, [_Fixed("low"), _Fixed("high")], {"low": 0.5, "high": 0.8})
+    assert out["decision"].tolist() == [KEEP, REMOVE, REMOVE, FAILED]  # 0.5 >= 0.5: the threshold fires
+    assert out["fired"].tolist() == ["", "low", "low,high", ""]
+    assert np.isnan(out["score_low"][3]) and out["score_high"][2] == pytest.approx(0.9)
+    none_ok = decide(emb, np.zeros(4, bool), [_Fixed("low")], {"low": 0.0})
+    assert none_ok["decision"].tolist() == [FAILED] * 4
+
+
+# -- writing a partition and the manifest ------------------------------------------------------
+def test_write_partition_splits_images_records_failures_and_finishes_last(tmp_path):
+    source_dir = tmp_path / "src"
+    write_rgb_images(source_dir, 3)
+    names = sorted(p.name for p in source_dir.iterdir())
+    partition = Partition("p1", "images", tuple(names))
+    rows = _rows("p1", 3, [2, 0, 1], [REMOVE, KEEP, FAILED])  # any order in, position order out
+    rows["id"] = np.array([names[2], names[0], names[1]], dtype=object)
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    counts = write_partition(run, partition, rows, SourceConfig(uri=str(source_dir)), ["d"], True)
+    assert counts == {"files": 3, "failed_files": 0, "items": 3, "kept": 1, "removed": 1, "failed": 1,
+                      "fired": {"d": 1}}
+    out = tmp_path / "out" / "run"
+    assert (out / "kept" / names[0]).read_bytes() == (source_dir / names[0]).read_bytes()
+    assert (out / "removed" / names[2]).is_file() and not (out / "kept" / names[1]).exists()
+    assert run.manifest()["p1"]["counts"] == counts
+    back = read_partition_results(run, "p1")  # the layout's one reader gives the rows back
+    assert back["id"].tolist() == [names[0], names[2], names[1]]  # decoded first, then failed
+    assert back["error_kind"].tolist() == ["", "", "decode"] and back["embedding"].shape == (3, 4)
+
+
+def test_a_transiently_unreadable_partition_is_not_finished(tmp_path):
+    rows = _rows("p2", 1, [0], [FAILED])
+    rows["error_kind"] = np.array(["unavailable"], dtype=object)
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    result = write_partition(run, Partition("p2", "images", ("a.png",)), rows, SourceConfig(uri=str(tmp_path)),
+                             ["d"], False)
+    assert "unfinished" in result and run.manifest() == {}
+    assert not (tmp_path / "out" / "run" / "scores").exists()
+
+
+def test_manifest_compaction_keeps_every_record_in_one_file(tmp_path):
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    partitions = [Partition(f"p{i}", "images", (f"{i}.png",)) for i in range(5)]
+    for i, partition in enumerate(partitions[:3]):
+        run.finish(partition, {"items": i})
+    before = run.manifest()
+    assert sorted(before) == ["p0", "p1", "p2"]
+    assert run.compact_manifest(before) == 3
+    folder = tmp_path / "out" / "run" / "_manifest"
+    [compacted] = list(folder.iterdir())
+    assert compacted.name.startswith("compacted-") and run.manifest() == before
+    for partition in partitions[3:]:  # later runs add single records beside the compacted file
+        run.finish(partition, {"items": 9})
+    after = run.manifest()
+    assert sorted(after) == [p.id for p in partitions] and after["p1"] == before["p1"]
+    assert run.compact_manifest(after) == 3  # the old compacted file and two singles
+    assert len(list(folder.iterdir())) == 1 and run.manifest() == after
+    assert run.compact_manifest(after) == 0  # nothing to fold
+
+
+def test_unfinished_outputs_are_removed_and_finished_ones_kept(tmp_path):
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    run.finish(Partition("done", "images", ("a.png",)), {"items": 1})
+    root = tmp_path / "out" / "run"
+    for rel in ("kept/a.png", "kept/b.png", "scores/done.parquet", "scores/gone.parquet", "failed/gone.parquet"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    assert run.remove_unfinished_outputs(run.manifest()) == 3
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "_manifest" not in str(p))
+    assert left == ["kept/a.png", "scores/done.parquet"]
+
+
+def test_read_many_returns_every_file_by_uri(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.json").write_text(json.dumps({"i": i}))
+    uris = storage.list_files(str(tmp_path), {}, (".json",))
+    got = storage.read_many(uris, {})
+    assert set(got) == set(uris) and sorted(json.loads(v)["i"] for v in got.values()) == [0, 1, 2]
+    assert storage.read_many([], {}) == {}
+
+
+# -- thresholds and histograms -----------------------------------------------------------------
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.25, 0.5, 0.99, 1.0])
+def test_threshold_for_rate_flags_at_most_the_rate_and_never_splits_ties(rate):
+    scores = np.random.default_rng(0).random(1000).astype(np.float32)
+    scores[:50] = 0.5  # a block of ties
+    threshold = threshold_for_rate(scores, rate)
+    allowed = np.floor(rate * len(scores))
+    assert (scores >= threshold).sum() <= allowed
+    lower = scores[scores < threshold]
+    if lower.size:  # the smallest such threshold: the next score down would flag too many
+        assert (scores >= lower.max()).sum() > allowed
+    assert threshold_for_rate(np.zeros(0), 0.1) == 0.0
+
+
+def test_score_histograms_merge_and_count_the_threshold_exactly():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(300), rng.random(200)
+    merged = ScoreHistogram.of(a, 0.37).merge(ScoreHistogram.of(b, 0.37))
+    whole = ScoreHistogram.of(np.concatenate([a, b]), 0.37)
+    assert np.array_equal(merged.counts, whole.counts) and merged.n == 500
+    assert merged.flagged == int((np.concatenate([a, b]) >= 0.37).sum())
+    assert ScoreHistogram.of([np.nan, 1.0, 0.0], 0.5).n == 2  # NaN (failed) never counted
+    with pytest.raises(ValueError, match="do not merge"):
+        merged.merge(ScoreHistogram(0.5))
+
+
+# -- overrides -----------------------------------------------------------------------------------
+def test_apply_override_sets_nested_keys_list_items_and_yaml_values():
+    data = {"detectors": [{"kind": "mcm"}, {"kind": "hftt"}]}
+    apply_override(data, "detectors.1.threshold={strategy: fixed, value: 0.2}")
+    apply_override(data, "model.batch_size=32")
+    apply_override(data, "run_name=")
+    assert data["detectors"][1]["threshold"] == {"strategy": "fixed", "value": 0.2}
+    assert data["model"] == {"batch_size": 32} and data["run_name"] == ""
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_override(data, "model.batch_size")
+    with pytest.raises(ConfigError, match="model.batch_size is not a section"):
+        apply_override(data, "model.batch_size.x=1")
