@@ -212,6 +212,18 @@ def scan_files(uri: str, storage_options: dict | None = None,
     return sorted(files), dict(skipped)
 
 
+def open_for_read(uri: str, storage_options: dict | None = None) -> tuple[BinaryIO, int]:
+    """A seekable binary handle on `uri` and the file's size. Readers stream through it (tar
+    members, one at a time) instead of holding a whole file; S3 reads go through s3fs's
+    read-ahead buffer, so a sequential pass costs few requests."""
+    if is_local(uri):
+        handle = open(_local_path(uri), "rb")
+        return handle, os.fstat(handle.fileno()).st_size
+    fs, path = filesystem(uri, storage_options)
+    handle = fs.open(path, "rb")
+    return handle, handle.size
+
+
 def read_bytes(uri: str, storage_options: dict | None = None, max_bytes: int | None = None) -> bytes:
     """The whole content of one file; with `max_bytes`, at most max_bytes + 1 bytes (one ranged
     request), so a caller sees an oversized file without ever holding all of it."""

@@ -57,9 +57,19 @@ def test_collector_yields_a_partition_once_all_its_rows_arrived_in_any_order():
 
 def test_partition_counter_counts_completions_without_keeping_rows():
     counter = PartitionCounter()
-    assert counter.add(_concat(_rows("a", 2, [0]), _rows("b", 1, [0]))) == 1
-    assert counter.add(_rows("a", 2, [1])) == 1
+    assert counter.add(_concat(_rows("a", 2, [0]), _rows("b", 1, [0]))) == ["b"]
+    assert counter.add(_rows("a", 2, [1])) == ["a"]
     assert counter.seen == {"a": 2, "b": 1}
+
+
+def test_a_streamed_partition_completes_only_with_its_last_block():
+    """Blocks before the last carry n_items -1 (the reader did not know the total yet)."""
+    counter = PartitionCounter()
+    early = _rows("s", -1, [0, 1])
+    assert counter.add(early) == [] and counter.add(_rows("s", -1, [2, 3])) == []
+    assert counter.add(_rows("s", 5, [4])) == ["s"]
+    late_first = PartitionCounter()  # the last block may arrive before earlier ones
+    assert late_first.add(_rows("s", 3, [2])) == [] and late_first.add(_rows("s", -1, [0, 1])) == ["s"]
 
 
 # -- decisions -----------------------------------------------------------------------------------

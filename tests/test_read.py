@@ -117,16 +117,20 @@ def test_s3_keys_that_would_collide_on_output_are_skipped_and_counted():
 
 
 def _flaky(monkeypatch, failures: int, error: Exception):
+    """The first `failures` reads (whole-file or streaming opens) raise `error`."""
     calls = {"n": 0}
-    real = storage.read_bytes
+    real_read, real_open = storage.read_bytes, storage.open_for_read
 
-    def read_bytes(uri, options=None, max_bytes=None):
-        calls["n"] += 1
-        if calls["n"] <= failures:
-            raise error
-        return real(uri, options, max_bytes)
+    def flaky(real):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] <= failures:
+                raise error
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    monkeypatch.setattr(storage, "read_bytes", flaky(real_read))
+    monkeypatch.setattr(storage, "open_for_read", flaky(real_open))
     return calls
 
 
@@ -173,8 +177,8 @@ def test_unavailable_partition_is_not_written(tmp_path, monkeypatch):
 
 
 def test_a_shard_is_decoded_in_bounded_blocks_that_cover_it_exactly_once(tmp_path):
-    """A large shard never becomes one block of pixels: blocks of at most `block_items` items,
-    positions 0..n-1 once each in order, every row carrying the shard's total for the collector."""
+    """A large shard is streamed, never one block of pixels: blocks of at most `block_items` items,
+    positions 0..n-1 once each in order, the last block's rows carrying the shard's total."""
     hostile.write_good_shard(tmp_path / "big.tar", 23, seed=5)
     source = SourceConfig(uri=str(tmp_path), format="webdataset")
     blocks = list(decode_partition(Partition("p", "webdataset", ("big.tar",)), source, 16, block_items=5))
@@ -182,8 +186,61 @@ def test_a_shard_is_decoded_in_bounded_blocks_that_cover_it_exactly_once(tmp_pat
     assert all(b["pixels"].shape[0] == len(b["id"]) <= 5 for b in blocks)
     positions = np.concatenate([b["position"] for b in blocks])
     assert positions.tolist() == list(range(23))
-    assert all((b["n_items"] == 23).all() for b in blocks)
+    assert all((b["n_items"] == -1).all() for b in blocks[:-1]) and (blocks[-1]["n_items"] == 23).all()
     whole = list(decode_partition(Partition("p", "webdataset", ("big.tar",)), source, 16, block_items=100))
     assert len(whole) == 1 and np.array_equal(whole[0]["pixels"], np.concatenate([b["pixels"] for b in blocks]))
     (empty,) = decode_partition(Partition("e", "images", ()), source, 16)
     assert len(empty["id"]) == 0 and empty["pixels"].shape == (0, 16, 16, 3)
+
+
+def test_a_shard_is_read_one_sample_at_a_time(tmp_path):
+    """The reader streams: no read of the shard whole, and after the first sample it has read
+    little more than that sample."""
+    from curation.pipeline.read import iter_shard
+
+    hostile.write_good_shard(tmp_path / "big.tar", 40, seed=12)
+    size = os.path.getsize(tmp_path / "big.tar")
+    reads = []
+
+    class Recording:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, n=-1):
+            data = self.handle.read(n)
+            reads.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    with open(tmp_path / "big.tar", "rb") as raw:
+        handle = Recording(raw)
+        entries = iter_shard(handle, SourceConfig(uri=str(tmp_path), format="webdataset"))
+        first = next(entries)
+        assert first.key == "s0000" and raw.tell() < size / 10
+        rest = list(entries)
+    assert [e.key for e in rest] == [f"s{i:04d}" for i in range(1, 40)]
+    assert max(reads) < size / 10  # never the whole shard in one read
+
+
+def test_a_webdataset_partition_is_split_by_streaming_the_shard_again(tmp_path):
+    import tarfile
+
+    from curation.pipeline.plan import RunDirectory
+    from curation.pipeline.write import write_partition
+
+    (tmp_path / "src").mkdir()
+    hostile.write_good_shard(tmp_path / "src" / "s.tar", 4, seed=13)
+    source = SourceConfig(uri=str(tmp_path / "src"), format="webdataset")
+    partition = Partition("p1", "webdataset", ("s.tar",))
+    (columns,) = decode_partition(partition, source, 16)
+    columns |= {"decision": np.array(["keep", "remove", "keep", "remove"], object),
+                "fired": np.array(["", "x", "", "x"], object), "embedding": np.zeros((4, 4), np.float32),
+                "score_x": np.array([0.1, 0.9, 0.2, 0.8], np.float32)}
+    counts = write_partition(RunDirectory(str(tmp_path / "out"), "r"), partition, columns, source, ["x"], False)
+    assert (counts["kept"], counts["removed"]) == (2, 2)
+    for folder, keys in (("kept", ["s0000", "s0002"]), ("removed", ["s0001", "s0003"])):
+        with tarfile.open(tmp_path / "out" / "r" / folder / "s.tar") as tar:
+            names = tar.getnames()
+        assert sorted({n.split(".")[0] for n in names}) == keys and len(names) == 2 * len(keys)

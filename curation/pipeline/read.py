@@ -8,9 +8,10 @@ parquet, the sample key for WebDataset shards.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -46,15 +47,38 @@ def fetch(uri: str, source, max_bytes: int) -> bytes | DecodeError:
     try:
         data = storage.retry_transient(lambda: storage.read_bytes(uri, source.storage_options, max_bytes),
                                        source.read_attempts, source.retry_backoff_s)
-    except storage.DEFINITE_ERRORS as err:
-        return DecodeError("missing", f"{type(err).__name__}: {err}")
-    except Exception as err:  # noqa: BLE001 - only transient errors are turned into values
-        if not storage.is_transient(err):
-            raise
-        return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {source.read_attempts} attempts: {err}")
+    except Exception as err:  # noqa: BLE001 - classified by _read_failure
+        return _read_failure(err, source)
     if len(data) > max_bytes:
         return DecodeError("too_large", f"more than {max_bytes} bytes (source.max_item_bytes / max_file_bytes)")
     return data
+
+
+def _read_failure(err: Exception, source) -> DecodeError:
+    """A read that raised, as a value: `missing` for a definite answer, UNAVAILABLE for transient
+    errors that outlasted the retries; anything else is a bug and propagates."""
+    if isinstance(err, storage.DEFINITE_ERRORS):
+        return DecodeError("missing", f"{type(err).__name__}: {err}")
+    if not storage.is_transient(err):
+        raise err
+    return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {source.read_attempts} attempts: {err}")
+
+
+@contextlib.contextmanager
+def open_source(uri: str, source, max_bytes: int) -> Iterator[BinaryIO | DecodeError]:
+    """A file of `source` opened for streaming (retried like `fetch`), or why not: `too_large`
+    past `max_bytes` (from its size, before reading), `missing`, UNAVAILABLE."""
+    try:
+        handle, size = storage.retry_transient(lambda: storage.open_for_read(uri, source.storage_options),
+                                               source.read_attempts, source.retry_backoff_s)
+    except Exception as err:  # noqa: BLE001 - classified by _read_failure
+        yield _read_failure(err, source)
+        return
+    with handle:
+        if size > max_bytes:
+            yield DecodeError("too_large", f"{size} bytes > {max_bytes} (source.max_file_bytes)")
+        else:
+            yield handle
 
 
 def iter_image_files(partition: Partition, source) -> Iterator[RawItem]:
@@ -154,71 +178,95 @@ def _member_kind(member) -> str:
     return "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
 
 
-def _add_member(tar, member, entries: dict[str, ShardEntry], duplicates: list[ShardEntry],
-                source) -> None:
-    """Record one tar member into its sample, or fail the sample / record a duplicate, without
-    reading more than `source.max_item_bytes` of it."""
+def _read_member(tar, member, entry: ShardEntry, source) -> None:
+    """Read one tar member into its sample, or fail the sample, without reading more than
+    `source.max_item_bytes` of it."""
     import tarfile
 
-    key, ext = sample_key(member.name)
-    entry = entries.setdefault(key, ShardEntry(key, {}, where=member.name))
-    if entry.error is not None:
-        return
+    _, ext = sample_key(member.name)
     if not member.isfile():
         entry.error = DecodeError("special_member", f"member {member.name!r} is a {_member_kind(member)}; "
                                                     "only regular files are read")
-    elif ext in entry.members:
-        duplicates.append(ShardEntry(f"{key}#duplicate{len(duplicates) + 1}", {}, DecodeError(
-            "duplicate_member", f"member {member.name!r} appears again at byte {member.offset}; the first is used"),
-            where=f"{member.name}@{member.offset}"))
     elif member.size > source.max_item_bytes:
         entry.error = DecodeError("too_large", f"member {member.name!r} has {member.size} bytes > "
                                                f"source.max_item_bytes {source.max_item_bytes}")
     else:
-        try:
+        try:  # an OSError is the store failing, not the data: it propagates (see iter_source_shard)
             entry.members[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError) as err:
             entry.error = DecodeError("truncated", f"member {member.name!r}: {type(err).__name__}: {err}")
 
 
-def read_shard(data: bytes, source) -> list[ShardEntry]:
-    """Shard bytes -> its samples in shard order, then recorded problems.
+def _whole(kind: str, message: str) -> ShardEntry:
+    return ShardEntry("", {}, DecodeError(kind, message), whole_file=True)
 
-    Plain (uncompressed) tar only: a compressed shard is refused as `unsupported` instead of
-    being inflated in memory (a 200 KB gzip can hold 200 MB). Only regular-file members are
-    read; each is size-checked from its header first. A shard cut short keeps the samples read
-    before the cut and adds a whole-file `truncated` entry.
+
+def iter_shard(handle: BinaryIO, source) -> Iterator[ShardEntry]:
+    """A shard's samples in shard order, read from a seekable handle one sample at a time (a
+    worker holds one sample's members, never the shard), then recorded problems.
+
+    Plain (uncompressed) tar only: a compressed shard is refused as `unsupported` instead of being
+    inflated (a 200 KB gzip can hold 200 MB). Only regular-file members are read; each is
+    size-checked from its header first. A sample's members are contiguous (the WebDataset
+    convention): a member whose sample already ended, or a second member with the same
+    extension, is a `duplicate_member` row and is not used. A shard cut short keeps the samples
+    read before the cut and ends with a whole-file `truncated` entry.
     """
     import tarfile
 
-    compression = _compression(data)
-    if compression:
-        return [ShardEntry("", {}, DecodeError("unsupported", f"{compression}-compressed shard: compressed "
-                                               "WebDataset shards are not supported; decompress to a plain .tar"),
-                           whole_file=True)]
-    if data[:len(TAR_END)] == TAR_END:
-        return []  # an empty archive: only the end-of-archive marker
-    entries: dict[str, ShardEntry] = {}
+    head = handle.read(len(TAR_END))
+    handle.seek(0)
+    if compression := _compression(head):
+        yield _whole("unsupported", f"{compression}-compressed shard: compressed WebDataset shards are not "
+                                    "supported; decompress to a plain .tar")
+        return
+    if head == TAR_END:
+        return  # an empty archive: only the end-of-archive marker
+    ended: set[str] = set()
+    current: ShardEntry | None = None
     duplicates: list[ShardEntry] = []
-    tail: list[ShardEntry] = []
+    yielded = 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=handle, mode="r:") as tar:
             for count, member in enumerate(tar):
                 if count >= source.max_members:
-                    tail.append(ShardEntry("", {}, DecodeError("too_large", f"more than source.max_members "
-                                           f"{source.max_members} members; the rest was not read"), whole_file=True))
+                    duplicates.append(_whole("too_large", f"more than source.max_members {source.max_members} "
+                                                          "members; the rest was not read"))
                     break
-                if not member.isdir():
-                    _add_member(tar, member, entries, duplicates, source)
-            if not tail and data[tar.offset:tar.offset + len(TAR_END)] != TAR_END:
-                tail.append(ShardEntry("", {}, DecodeError("truncated", f"shard ends at byte {len(data)} without "
-                                       f"the end-of-archive marker after {len(entries)} samples; later samples "
-                                       "may be lost (partly uploaded?)"), whole_file=True))
+                if member.isdir():
+                    continue
+                key, ext = sample_key(member.name)
+                if current is not None and key != current.key:
+                    ended.add(current.key)
+                    yield current
+                    yielded += 1
+                    current = None
+                if key in ended or (current is not None and ext in current.members):
+                    duplicates.append(ShardEntry(f"{key}#duplicate{sum(not d.whole_file for d in duplicates) + 1}", {},
+                                                 DecodeError("duplicate_member", f"member {member.name!r} appears "
+                                                             f"again at byte {member.offset}; the first is used"),
+                                                 where=f"{member.name}@{member.offset}"))
+                    continue
+                current = current or ShardEntry(key, {}, where=member.name)
+                if current.error is None:
+                    _read_member(tar, member, current, source)
+            if current is not None:
+                yield current
+                yielded += 1
+                current = None
+            if not duplicates or not duplicates[-1].whole_file:
+                handle.seek(tar.offset)
+                if handle.read(len(TAR_END)) != TAR_END:
+                    duplicates.append(_whole("truncated", f"shard ends at byte {tar.offset} without the "
+                                                          f"end-of-archive marker after {yielded} samples; later "
+                                                          "samples may be lost (partly uploaded?)"))
     except (tarfile.TarError, EOFError) as err:
-        tail.append(ShardEntry("", {}, DecodeError("corrupt" if not entries else "truncated",
-                                                   f"not a readable tar: {type(err).__name__}: {err}"),
-                               whole_file=True))
-    return list(entries.values()) + duplicates + tail
+        if current is not None:
+            yield current
+            yielded += 1
+        duplicates.append(_whole("corrupt" if not yielded else "truncated",
+                                 f"not a readable tar: {type(err).__name__}: {err}"))
+    yield from duplicates
 
 
 def image_member(sample: dict[str, bytes]) -> bytes | None:
@@ -228,11 +276,18 @@ def image_member(sample: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def read_source_shard(uri: str, source) -> list[ShardEntry]:
-    data = fetch(uri, source, source.max_file_bytes)
-    if isinstance(data, DecodeError):
-        return [ShardEntry("", {}, data, whole_file=True)]
-    return read_shard(data, source)
+def iter_source_shard(uri: str, source) -> Iterator[ShardEntry]:
+    """A source shard's samples, streamed (see `iter_shard`); an unreadable shard is one
+    whole-file entry. A transient read error part way is a whole-file UNAVAILABLE entry, which
+    leaves the partition unfinished for the next run."""
+    with open_source(uri, source, source.max_file_bytes) as handle:
+        if isinstance(handle, DecodeError):
+            yield ShardEntry("", {}, handle, whole_file=True)
+            return
+        try:
+            yield from iter_shard(handle, source)
+        except OSError as err:  # the store failed under a streaming read (tar errors are handled inside)
+            yield ShardEntry("", {}, _read_failure(err, source), whole_file=True)
 
 
 def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:
@@ -248,7 +303,7 @@ def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:
 def iter_webdataset(partition: Partition, source) -> Iterator[RawItem]:
     (name,) = partition.inputs
     uri = storage.join(source.uri, name)
-    for entry in read_source_shard(uri, source):
+    for entry in iter_source_shard(uri, source):
         yield _shard_item(name, uri, entry)
 
 
@@ -264,21 +319,29 @@ def iter_raw_items(partition: Partition, source) -> Iterator[RawItem]:
 DECODE_BLOCK_ITEMS = 256  # pixels of this many items per block: 256 x 224 x 224 x 3 bytes = 38 MB
 
 
+UNKNOWN_TOTAL = -1  # `n_items` of every block but a partition's last: the reader has not reached its end
+
+
 def decode_partition(partition: Partition, source, image_size: int,
                      block_items: int = DECODE_BLOCK_ITEMS) -> Iterator[dict[str, np.ndarray]]:
-    """Read a partition and decode it into column blocks of at most `block_items` items; failed
-    items get zero pixels and a reason. A decode task holds the file's encoded bytes and one
-    block of pixels, never a whole shard's pixels (10k images at 224 px would be 1.5 GB). Every
-    row carries `n_items`, the partition's total, so the driver knows when all blocks arrived; an
-    empty partition yields one empty block."""
-    items = list(iter_raw_items(partition, source))
-    for start in range(0, max(len(items), 1), block_items):
-        yield _decode_block(partition.id, items, start, min(start + block_items, len(items)), source, image_size)
+    """Read a partition as a stream and decode it into column blocks of at most `block_items`
+    items; failed items get zero pixels and a reason. A decode task holds one block of encoded
+    items and its pixels, never a whole shard (10k images at 224 px would be 1.5 GB of pixels, and
+    the shard's bytes besides). The rows of the last block carry `n_items`, the partition's total,
+    earlier ones UNKNOWN_TOTAL, so the driver knows when all blocks arrived; an empty partition
+    yields one empty block."""
+    block: list[RawItem] = []
+    start = 0
+    for item in iter_raw_items(partition, source):
+        if len(block) == block_items:
+            yield _decode_block(partition.id, block, start, UNKNOWN_TOTAL, source, image_size)
+            start, block = start + len(block), []
+        block.append(item)
+    yield _decode_block(partition.id, block, start, start + len(block), source, image_size)
 
 
-def _decode_block(partition_id: str, items: list[RawItem], start: int, stop: int, source,
+def _decode_block(partition_id: str, block: list[RawItem], start: int, n_items: int, source,
                   image_size: int) -> dict[str, np.ndarray]:
-    block = items[start:stop]
     pixels = np.zeros((len(block), image_size, image_size, 3), np.uint8)
     kinds, messages = [], []
     for i, item in enumerate(block):
@@ -292,8 +355,8 @@ def _decode_block(partition_id: str, items: list[RawItem], start: int, stop: int
             messages.append("")
     return {
         "partition": np.array([partition_id] * len(block), dtype=object),
-        "n_items": np.full(len(block), len(items), np.int64),
-        "position": np.arange(start, stop, dtype=np.int64),
+        "n_items": np.full(len(block), n_items, np.int64),
+        "position": np.arange(start, start + len(block), dtype=np.int64),
         "id": np.array([item.id for item in block], dtype=object),
         "source": np.array([item.source for item in block], dtype=object),
         "error_kind": np.array(kinds, dtype=object),

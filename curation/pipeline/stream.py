@@ -2,7 +2,8 @@
 results and counts, and scoring image sets without deciding (calibration and evaluation).
 
 Rows arrive from `ray_data.stream` in any order across partitions; a partition's rows are complete
-when as many arrived as its `n_items` column says.
+when as many arrived as the `n_items` of its last block says (earlier blocks carry -1: the reader
+streams a file and learns its total only at the end).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def score_partitions(cfg: RunConfig, partitions: list[Partition], artifacts, sou
             for n in names:
                 scores[n].append(batch[f"score_{n}"][ok])
             failed += int((~ok).sum())
-            progress.add(batch, counter.add(batch))
+            progress.add(batch, len(counter.add(batch)))
     return {f"score_{n}": np.concatenate(v) if v else np.zeros(0, np.float32) for n, v in scores.items()} | {
         "failed": failed}
 
@@ -58,18 +59,24 @@ def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts
 
 
 class PartitionCounter:
-    """How many partitions a stream has completed, without keeping their rows."""
+    """How many rows of each partition arrived and, once its last block did, how many it has."""
 
     def __init__(self):
         self.seen: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
 
-    def add(self, batch: dict[str, np.ndarray]) -> int:
-        """Count a batch's rows; returns how many partitions it completed."""
-        completed = 0
-        pids, first, counts = np.unique(batch["partition"], return_index=True, return_counts=True)
-        for pid, row, count in zip(pids, first, counts):
-            self.seen[pid] = self.seen.get(pid, 0) + int(count)
-            completed += self.seen[pid] == int(batch["n_items"][row])
+    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """Count a batch's rows; returns the partitions it completed."""
+        completed = []
+        pids, inverse = np.unique(batch["partition"], return_inverse=True)
+        for i, pid in enumerate(pids):
+            mask = inverse == i
+            self.seen[pid] = self.seen.get(pid, 0) + int(mask.sum())
+            total = int(batch["n_items"][mask].max())
+            if total >= 0:
+                self.totals[pid] = total
+            if self.seen[pid] == self.totals.get(pid):
+                completed.append(pid)
         return completed
 
 
@@ -90,17 +97,15 @@ class PartitionCollector:
     def __init__(self, partitions: list[Partition]):
         self.partitions = {p.id: p for p in partitions}
         self.rows: dict[str, list[dict]] = {}
-        self.seen: dict[str, int] = {}
+        self.counter = PartitionCounter()
 
     def add(self, batch: dict[str, np.ndarray]):
         for pid in np.unique(batch["partition"]):
             mask = batch["partition"] == pid
-            part = {k: v[mask] for k, v in batch.items()}
-            self.rows.setdefault(pid, []).append(part)
-            self.seen[pid] = self.seen.get(pid, 0) + int(mask.sum())
-            if self.seen[pid] == int(part["n_items"][0]):
-                chunks = self.rows.pop(pid)
-                yield self.partitions[pid], {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+            self.rows.setdefault(pid, []).append({k: v[mask] for k, v in batch.items()})
+        for pid in self.counter.add(batch):
+            chunks = self.rows.pop(pid)
+            yield self.partitions[pid], {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
     def unseen(self, dim: int, detector_names: list[str]):
         """Partitions that produced no rows at all (empty files): finished with empty outputs."""
@@ -112,7 +117,7 @@ class PartitionCollector:
                   "embedding": np.zeros((0, dim), np.float32)}
         empty |= {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
         for pid, partition in self.partitions.items():
-            if pid not in self.seen:
+            if pid not in self.counter.seen:
                 yield partition, empty
 
 

@@ -7,6 +7,7 @@ after a crash overwrites instead of duplicating.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 
@@ -15,7 +16,7 @@ import numpy as np
 from curation import storage
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.decode import DecodeError
-from curation.pipeline.read import UNAVAILABLE, fetch, read_parquet_table, read_source_shard, read_source_table
+from curation.pipeline.read import UNAVAILABLE, fetch, iter_source_shard, read_parquet_table, read_source_table
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
 
@@ -59,26 +60,33 @@ def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) 
         _write_table(run, table.filter(decisions == wanted), folder, name)
 
 
-def _write_tar(uri: str, samples: dict[str, dict[str, bytes]], options: dict) -> None:
-    """Stream the samples' members into a tar at `uri`: never a second copy of the shard in memory."""
-    with storage.open_for_write(uri, options) as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(key + ext)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+def _tar_writer(uri: str, options: dict, stack: contextlib.ExitStack) -> tarfile.TarFile:
+    """A tar streamed to `uri` (appears only if the whole `stack` closes without error)."""
+    handle = stack.enter_context(storage.open_for_write(uri, options))
+    return stack.enter_context(tarfile.open(fileobj=handle, mode="w|"))
+
+
+def _add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    for ext, data in members.items():
+        info = tarfile.TarInfo(key + ext)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _split_webdataset(run: RunDirectory, source, name: str, results: dict) -> None:
-    """kept/ and removed/ shards hold the decided samples, every member of each, in shard order."""
+    """kept/ and removed/ shards hold the decided samples, every member of each, in shard order:
+    the source shard is streamed again, one sample at a time, into both output shards."""
     uri = storage.join(source.uri, name)
-    entries = read_source_shard(uri, source)
-    if any(entry.whole_file and entry.error.kind == UNAVAILABLE for entry in entries):
-        raise SourceUnavailableError(f"{uri}: could not be read again")
     decision_of = dict(zip(results["id"], results["decision"]))
-    for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
-        chosen = {e.key: e.members for e in entries if not e.whole_file and decision_of.get(e.key) == wanted}
-        _write_tar(run.path(folder, name), chosen, run.options)
+    with contextlib.ExitStack() as stack:
+        outputs = {KEEP: _tar_writer(run.path("kept", name), run.options, stack),
+                   REMOVE: _tar_writer(run.path("removed", name), run.options, stack)}
+        for entry in iter_source_shard(uri, source):
+            if entry.whole_file and entry.error.kind == UNAVAILABLE:
+                raise SourceUnavailableError(f"{uri}: could not be read again: {entry.error.message}")
+            tar = None if entry.whole_file else outputs.get(decision_of.get(entry.key))
+            if tar is not None:
+                _add_sample(tar, entry.key, entry.members)
 
 
 def _scores_table(results: dict, detector_names: list[str], store_embeddings: bool):
