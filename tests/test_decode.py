@@ -183,3 +183,35 @@ def test_unsupported_mode_is_reported_not_raised():
     Image.fromarray(np.zeros((8, 8), np.float32)).save(buffer, format="TIFF")
     result = decode_image(buffer.getvalue(), 16)
     assert isinstance(result, DecodeError) and result.kind == "unsupported"
+
+
+def _photo_jpeg(long_side: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((long_side, long_side * 3 // 4), Image.BICUBIC)
+    pixels = np.asarray(image, np.int16) + rng.integers(-4, 5, (long_side * 3 // 4, long_side, 3))
+    sink = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(sink, format="JPEG", quality=90)
+    return sink.getvalue()
+
+
+def test_jpeg_draft_stays_within_the_measured_tolerance_and_is_exact_below_4x():
+    """source.jpeg_draft: a JPEG 4x the target or larger decodes at a reduced scale (>= 2x the
+    target) within a few levels of the exact pixels; smaller JPEGs and other formats are exact."""
+    big = _photo_jpeg(2048)
+    exact, draft = decode_image(big, 224), decode_image(big, 224, draft=True)
+    diff = np.abs(exact.astype(np.int16) - draft.astype(np.int16))
+    assert 0 < diff.mean() < 0.5 and diff.max() <= 8
+    small = _photo_jpeg(800)  # shorter side 600 < 4 x 224: no reduction
+    assert np.array_equal(decode_image(small, 224), decode_image(small, 224, draft=True))
+    png = io.BytesIO()
+    Image.open(io.BytesIO(big)).save(png, format="PNG")
+    assert np.array_equal(decode_image(png.getvalue(), 224), decode_image(png.getvalue(), 224, draft=True))
+
+
+def test_jpeg_draft_is_part_of_the_decision_only_when_on():
+    from curation.config import load_config
+
+    off, on = load_config(None, []), load_config(None, ["source.jpeg_draft=true"])
+    assert off.decision_hash() == load_config(None, ["source.jpeg_draft=false"]).decision_hash()
+    assert on.decision_hash() != off.decision_hash()

@@ -2,7 +2,10 @@
 
 For each task (ood: wanted = the "Food & Drink" group; unwanted: the weapon ids) and each split,
 write labelled image folders and run `curation evaluate` on them (`workflow.evaluate`), collecting
-every detector's AUROC / FPR@95 into one JSON table.
+every detector's AUROC / FPR@95 into one JSON table. Splits: trained and held-out emoji in the
+classic styles (Noto, Twemoji, Symbola, mixed), and both again in the held-out style
+(`render.HELD_OUT_STYLE`, which emoji-clip v2 never trained on): `style/trained` measures transfer
+to an unseen style alone, `style/held_out` an unseen emoji in an unseen style.
 
     python -m curation.emoji.evaluate --out ./demo/eval [--n-per-emoji 2] [--set key=value ...]
 """
@@ -16,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.emoji.catalog import holdout_split, load_catalog, weapon_ids
-from curation.emoji.render import write_eval_set
+from curation.emoji.catalog import load_catalog, weapon_ids
+from curation.emoji.render import HELD_OUT_STYLE, write_eval_set
 from curation.progress import configure_logging
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -46,13 +49,17 @@ def renders_per_emoji(n_emoji: int, n_per_emoji: int, min_images: int) -> int:
 
 
 def write_split(root: Path, task: str, emojis, n_per_emoji: int, limit: int, seed: int,
-                min_images: int) -> tuple[Path, Path]:
+                min_images: int, style: str = "mixed") -> tuple[Path, Path]:
     wanted, unwanted = task_labels(task, emojis)
     folders = root / "wanted", root / "unwanted"
     for folder, ids in zip(folders, (wanted, unwanted)):
         ids = _subsample(ids, limit, seed)
-        write_eval_set(folder, ids, "mixed", renders_per_emoji(len(ids), n_per_emoji, min_images), seed)
+        write_eval_set(folder, ids, style, renders_per_emoji(len(ids), n_per_emoji, min_images), seed)
     return folders
+
+
+SPLITS = {"trained": "mixed", "held_out": "mixed",
+          "style/trained": HELD_OUT_STYLE, "style/held_out": HELD_OUT_STYLE}
 
 
 def evaluate_all(out: Path, n_per_emoji: int, limit: int, seed: int, min_images: int,
@@ -60,14 +67,18 @@ def evaluate_all(out: Path, n_per_emoji: int, limit: int, seed: int, min_images:
     from curation import workflow
     from curation.config import load_config
 
-    trained, held_out = holdout_split(load_catalog())
+    from curation.emoji.train import TrainConfig, split_emoji
+
+    trained, _, held_out = split_emoji(TrainConfig(), load_catalog())  # v2's validation emoji left out
     results = {}
     for task, config in TASKS.items():
-        for split, emojis in (("trained", trained), ("held_out", held_out)):
+        for split, style in SPLITS.items():
+            emojis = held_out if split.endswith("held_out") else trained
             wanted, unwanted = write_split(out / "images" / task / split, task, emojis, n_per_emoji, limit,
-                                           seed, min_images)
+                                           seed, min_images, style)
+            name = split.replace("/", "-")
             cfg = load_config(config, [f"evaluation.wanted_uri={wanted}", f"evaluation.unwanted_uri={unwanted}",
-                                       f"output.uri={out}", f"run_name=eval-{task}-{split}", *overrides])
+                                       f"output.uri={out}", f"run_name=eval-{task}-{name}", *overrides])
             results[f"{task}/{split}"] = workflow.evaluate(cfg)
     (out / "demo_evaluation.json").write_text(json.dumps(results, indent=2))
     return results

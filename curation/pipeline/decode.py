@@ -5,7 +5,10 @@ Datasets at scale contain empty files, HTML saved as .jpg, truncated downloads, 
 `decode_image` returns a `DecodeError` instead of raising; the pipeline records it in failed/.
 
 Pixels match open_clip's eval preprocessing (Resize shortest side, BICUBIC, CenterCrop) bit for
-bit on RGB images, so embeddings equal those of `create_model_and_transforms(...)[2]`. Decoding
+bit on RGB images, so embeddings equal those of `create_model_and_transforms(...)[2]`. The one
+opt-in exception is `draft=True` (`source.jpeg_draft`): a JPEG at least 4x the target is decoded
+at a reduced DCT scale, never below 2x the target, then resized exactly; measured within a mean
+0.16 and at most 6 levels of the exact pixels at 2048 px, for 2.7x less CPU. Decoding
 and resizing run on CPU workers as uint8 (4x smaller to ship than float32); `normalize_pixels`
 does ToTensor + Normalize next to the model.
 """
@@ -168,12 +171,17 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         return DecodeError("unsupported", f"mode {image.mode}: {type(e).__name__}: {e}")
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | DecodeError:
+DRAFT_MARGIN = 2  # draft decoding keeps at least this many times the target size before resizing
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: bool = False) -> np.ndarray | DecodeError:
     """Decode + resize + center-crop one image; never raises for a bad image (see `decode_rgb`).
 
-    Returns uint8 of shape (image_size, image_size, 3), or a DecodeError.
+    Returns uint8 of shape (image_size, image_size, 3), or a DecodeError. `draft`: see the module
+    docstring (JPEG only; other formats and smaller JPEGs decode exactly either way).
     """
-    rgb = decode_rgb(data, max_pixels)
+    rgb = decode_rgb(data, max_pixels, draft_px=DRAFT_MARGIN * image_size if draft else None)
     if isinstance(rgb, DecodeError):
         return rgb
     return resize_center_crop(rgb, image_size)  # outside decode_rgb's guards: a broken install must raise

@@ -345,7 +345,7 @@ def _decode_block(partition_id: str, block: list[RawItem], start: int, n_items: 
     pixels = np.zeros((len(block), image_size, image_size, 3), np.uint8)
     kinds, messages = [], []
     for i, item in enumerate(block):
-        result = item.error or decode_image(item.data, image_size, source.max_pixels)
+        result = item.error or decode_image(item.data, image_size, source.max_pixels, source.jpeg_draft)
         if isinstance(result, DecodeError):
             kinds.append(result.kind)
             messages.append(result.message)
