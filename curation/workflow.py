@@ -23,9 +23,9 @@ from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.lease import RunLease, RunLockedError
 from curation.pipeline.plan import Partition, RunDirectory, plan
-from curation.pipeline.stream import (PartitionCollector, StreamProgress, add_to_histograms, preprocess_of,
-                                      score_histograms, score_image_set, sum_counts, wait_for_writers)
-from curation.pipeline.write import write_partition
+from curation.pipeline.stream import (PartitionCounter, StreamProgress, preprocess_of, score_histograms,
+                                      score_image_set, sum_counts, wait_for_writers)
+from curation.pipeline.write import finish_partition
 from curation.preflight import check_output_outside_source, check_paths_for_ray_job, start_ray
 from curation.progress import Progress
 from curation.thresholds import rescore_thresholds, resolve_thresholds, rule_threshold
@@ -85,23 +85,25 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
 
     tick = time.perf_counter()
     names = [d.label for d in cfg.detectors]
-    collector, jobs = PartitionCollector(partitions), []
-    write_args = (cfg.source, names, cfg.output.store_embeddings)
     values = {n: t["threshold"] for n, t in thresholds.items()}
-    histograms = score_histograms(values)
-    with StreamProgress("curating", partitions) as progress:
-        for batch in ray_data.stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
-                                     values, preprocess_of(cfg)):
-            add_to_histograms(histograms, batch)
-            completed = 0
-            for partition, results in collector.add(batch):
-                _check_lease(lease)
-                jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
-                completed += 1
-            progress.add(batch, completed)
     dim = load_artifacts(artifacts[:1])[0].dim_ if artifacts else 0
-    for partition, results in collector.unseen(dim, names):
-        jobs.append((partition, ray_data.submit(write_partition, run, partition, results, *write_args)))
+    finish_args = (cfg.source, names, cfg.output.store_embeddings, dim)
+    histograms, counter, jobs = score_histograms(values), PartitionCounter(), []
+    by_id = {p.id: p for p in partitions}
+    with StreamProgress("curating", partitions) as progress:
+        # rows are spooled where they were scored; the driver sees counts and starts a partition's
+        # writer once all its rows are spooled
+        for pid, counts in ray_data.spooled_stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
+                                                   values, preprocess_of(cfg), run):
+            for name, bins in counts["histograms"].items():
+                histograms[name].merge_counts(bins, counts["flagged"][name])
+            complete = counter.add_rows(pid, counts["rows"], counts["n_items"])
+            if complete:
+                _check_lease(lease)
+                jobs.append((by_id[pid], ray_data.submit(finish_partition, run, by_id[pid], *finish_args)))
+            progress.add_counts(counts, int(complete))
+    for partition in (p for p in partitions if p.id not in counter.seen):  # no rows at all: empty files
+        jobs.append((partition, ray_data.submit(finish_partition, run, partition, *finish_args)))
     counts, unfinished = wait_for_writers(jobs)
     timings["stream_and_write_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started

@@ -14,8 +14,9 @@ from curation.config import ConfigError, SourceConfig, apply_override
 from curation.metrics import ScoreHistogram, threshold_for_rate
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.score import decide
-from curation.pipeline.stream import PartitionCollector, PartitionCounter
-from curation.pipeline.write import FAILED, KEEP, REMOVE, read_partition_results, write_partition
+from curation.pipeline.stream import PartitionCounter
+from curation.pipeline.write import (FAILED, KEEP, REMOVE, SPOOL, finish_partition, read_partition_results,
+                                     spool_rows, write_partition)
 from images import write_rgb_images
 
 
@@ -39,20 +40,43 @@ def _concat(*batches: dict) -> dict:
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-# -- grouping streamed rows --------------------------------------------------------------------
-def test_collector_yields_a_partition_once_all_its_rows_arrived_in_any_order():
-    a, b = Partition("a", "images", ("x",)), Partition("b", "images", ("y",))
-    collector = PartitionCollector([a, b, Partition("empty", "images", ("z",))])
-    first = _concat(_rows("a", 3, [2]), _rows("b", 2, [1]))
-    assert list(collector.add(first)) == []
-    done = list(collector.add(_concat(_rows("b", 2, [0]), _rows("a", 3, [0]))))
-    assert [p.id for p, _ in done] == ["b"] and sorted(done[0][1]["position"]) == [0, 1]
-    with pytest.raises(RuntimeError, match="incomplete partitions: \\['a'\\]"):
-        list(collector.unseen(4, ["d"]))
-    [(partition, rows)] = list(collector.add(_rows("a", 3, [1])))
-    assert partition is a and sorted(rows["position"]) == [0, 1, 2]
-    [(partition, rows)] = list(collector.unseen(4, ["d"]))  # produced no rows at all
-    assert partition.id == "empty" and len(rows["id"]) == 0 and rows["embedding"].shape == (0, 4)
+# -- counting streamed rows, spooling and finishing partitions -------------------------------
+def test_spooled_rows_come_back_as_one_partition_and_its_outputs(tmp_path):
+    """The writing stage spools each partition's rows of a batch and reports counts only; once all
+    rows are spooled, finish_partition writes the outputs from the spool and deletes it."""
+    source_dir = tmp_path / "src"
+    write_rgb_images(source_dir, 3)
+    names = sorted(p.name for p in source_dir.iterdir())
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    first = _concat(_rows("a", -1, [0, 1], [KEEP, REMOVE]), _rows("b", 1, [0], [KEEP]))
+    first["id"] = np.array([names[0], names[1], "b0"], dtype=object)
+    out = spool_rows(first, run, {"d": 0.5})
+    counts = {pid: json.loads(c) for pid, c in zip(out["partition"], out["counts"])}
+    assert counts["a"]["rows"] == 2 and counts["a"]["n_items"] == -1 and counts["b"]["n_items"] == 1
+    assert (counts["a"]["kept"], counts["a"]["removed"], counts["a"]["flagged"]["d"]) == (1, 1, 1)
+    assert sum(counts["a"]["histograms"]["d"]) == 2
+    last = _rows("a", 3, [2], [FAILED])
+    last["id"] = np.array([names[2]], dtype=object)
+    spool_rows(last, run, {"d": 0.5})
+    spool = tmp_path / "out" / "run" / SPOOL / "a"
+    assert sorted(p.name for p in spool.iterdir()) == ["000000000000.parquet", "000000000002.parquet"]
+    outcome = finish_partition(run, Partition("a", "images", tuple(names)), SourceConfig(uri=str(source_dir)),
+                               ["d"], True, 4)
+    assert (outcome["kept"], outcome["removed"], outcome["failed"]) == (1, 1, 1)
+    assert not spool.exists() or not list(spool.iterdir())
+    assert (tmp_path / "out" / "run" / "kept" / names[0]).is_file() and run.manifest()["a"]["counts"] == outcome
+    back = read_partition_results(run, "a")
+    assert sorted(back["position"].tolist()) == [0, 1, 2] and back["embedding"].shape == (3, 4)
+
+
+def test_a_partition_with_missing_spooled_rows_is_left_unfinished(tmp_path):
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    spool_rows(_rows("a", 3, [0, 2]), run, {"d": 0.5})  # position 1 never spooled
+    outcome = finish_partition(run, Partition("a", "images", ("x", "y", "z")), SourceConfig(uri=str(tmp_path)),
+                               ["d"], False, 4)
+    assert "unfinished" in outcome and run.manifest() == {}
+    empty = finish_partition(run, Partition("e", "images", ()), SourceConfig(uri=str(tmp_path)), ["d"], False, 4)
+    assert empty["items"] == 0 and "e" in run.manifest()  # a partition that produced no rows at all
 
 
 def test_partition_counter_counts_completions_without_keeping_rows():

@@ -141,11 +141,11 @@ class RunDirectory:
 
     def remove_unfinished_outputs(self, finished: dict[str, dict]) -> int:
         """Delete every output that no manifest record vouches for (a killed run's leftovers):
-        score/failure files of unfinished partitions, and kept/ and removed/ copies of inputs that
-        no finished partition covers (half-written temp files included). A resumed run may
+        spooled rows, score/failure files of unfinished partitions, and kept/ and removed/ copies of
+        inputs that no finished partition covers (half-written temp files included). A resumed run may
         regroup those inputs and decide them again, so nothing stale may stay. Bulk deletes."""
         inputs = finished_inputs(finished)
-        stale = []
+        stale = storage.list_files(self.path("_spool", ""), self.options)  # no writer is active yet
         for folder in OUTPUT_DIRS:
             root = self.path(folder, "")
             for file in storage.list_files(root, self.options):

@@ -54,6 +54,7 @@ def node_cpus() -> list[float]:
 
 MAX_THREADS_PER_ACTOR = 8  # past this, one more actor embeds faster than more threads in one
 DECODE_SHARE = 0.25  # of a node's CPUs kept free of actor reservations for decode and writer tasks
+SPOOL_CPUS = 0.25  # curate's writing stage (spooling scored rows) mostly waits on storage
 
 
 def resolve_compute(compute: ComputeConfig, cpus_per_node: list[float], gpus: float) -> ComputeConfig:
@@ -167,21 +168,22 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, source: SourceC
 
 
 def check_no_deadlock(compute: ComputeConfig) -> None:
-    """An actor pool holding every CPU starves the decode tasks and Ray Data hangs silently:
-    refuse that configuration up front."""
+    """An actor pool holding every CPU starves the decode tasks (and the writing stage) and Ray
+    Data hangs silently: refuse that configuration up front."""
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 0))
-    needed = compute.actors * compute.cpus_per_actor + compute.decode_cpus
+    needed = compute.actors * compute.cpus_per_actor + compute.decode_cpus + SPOOL_CPUS
     if needed > cpus:
         raise ValueError(
             f"compute: {compute.actors} actors x {compute.cpus_per_actor} CPUs + {compute.decode_cpus} CPUs for "
-            f"decoding = {needed} > {cpus} CPUs in the cluster; the stream would deadlock. Lower "
+            f"decoding + {SPOOL_CPUS} for writing = {needed} > {cpus} CPUs in the cluster; the stream would "
+            "deadlock. Lower "
             "compute.actors or compute.cpus_per_actor (fractions are fine).")
 
 
 def _quiet_ray_data_progress() -> None:
-    """The caller reports the stream's progress (`workflow.StreamProgress`: one bar on a terminal,
+    """The caller reports the stream's progress (`stream.StreamProgress`: one bar on a terminal,
     a line every few seconds elsewhere); Ray Data's own would draw competing bars, or off a
     terminal log a 9-line status block every 10 s. Its one-time notice that bars are off is
     dropped too: it tells the user to turn them back on."""
@@ -191,14 +193,12 @@ def _quiet_ray_data_progress() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
-           compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
-           preprocess: tuple[int, tuple, tuple]) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded, embedded and scored rows of `partitions`, as numpy batches in completion order."""
+def _scored(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig, compute: ComputeConfig,
+            detector_files: list[dict], thresholds: dict[str, float], preprocess: tuple[int, tuple, tuple]):
+    """The Ray Data plan: partitions -> decode tasks (blocks of a partition) -> embed-and-score
+    actors. Rows keep everything but the pixels."""
     import ray
 
-    if not partitions:
-        return
     image_size, mean, std = preprocess
     compute = resolve_compute(compute, node_cpus(), cluster_gpus())
     log.info("stream: %d actors x %.2f CPUs, %g GPUs, %s torch threads each; decode tasks %.2f CPUs",
@@ -211,14 +211,44 @@ def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelCo
     dataset = dataset.map_batches(
         _decode_batch, batch_size=1, num_cpus=compute.decode_cpus,
         fn_kwargs={"image_size": image_size, "source": source})
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor,
         num_gpus=compute.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
         fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": ray.put(detector_files),
                                "thresholds": thresholds, "mean": mean, "std": std,
                                "torch_threads": compute.torch_threads})
+
+
+def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
+           compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
+           preprocess: tuple[int, tuple, tuple]) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded, embedded and scored rows of `partitions`, as numpy batches in completion order
+    (calibration and evaluation, whose scores the driver needs)."""
+    if not partitions:
+        return
+    dataset = _scored(partitions, source, model_cfg, compute, detector_files, thresholds, preprocess)
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def spooled_stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
+                   compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
+                   preprocess: tuple[int, tuple, tuple], run) -> Iterator[tuple[str, dict]]:
+    """`curate`'s stream: the scored rows are written to the run's spool by a last Ray Data stage
+    where they were scored (`write.spool_rows`); the driver receives (partition id, counts) only,
+    one per batch and partition."""
+    import json
+
+    from curation.pipeline.write import spool_rows
+
+    if not partitions:
+        return
+    dataset = _scored(partitions, source, model_cfg, compute, detector_files, thresholds, preprocess)
+    dataset = dataset.map_batches(spool_rows, batch_size=None, num_cpus=SPOOL_CPUS,
+                                  fn_kwargs={"run": run, "thresholds": thresholds})
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for pid, counts in zip(batch["partition"], batch["counts"]):
+            yield str(pid), json.loads(counts)
 
 
 class RescorePartitions:

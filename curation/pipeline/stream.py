@@ -59,66 +59,30 @@ def score_image_set(cfg: RunConfig, uri: str, fmt: str, options: dict, artifacts
 
 
 class PartitionCounter:
-    """How many rows of each partition arrived and, once its last block did, how many it has."""
+    """How many rows of each partition arrived and, once its last block did, how many it has:
+    a partition is complete without anyone keeping its rows."""
 
     def __init__(self):
         self.seen: dict[str, int] = {}
         self.totals: dict[str, int] = {}
 
+    def add_rows(self, pid: str, rows: int, n_items: int) -> bool:
+        """`rows` more rows of `pid`, with the largest `n_items` among them (-1: not its last
+        block); returns whether the partition is now complete."""
+        self.seen[pid] = self.seen.get(pid, 0) + rows
+        if n_items >= 0:
+            self.totals[pid] = n_items
+        return self.seen[pid] == self.totals.get(pid)
+
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Count a batch's rows; returns the partitions it completed."""
-        completed = []
         pids, inverse = np.unique(batch["partition"], return_inverse=True)
-        for i, pid in enumerate(pids):
-            mask = inverse == i
-            self.seen[pid] = self.seen.get(pid, 0) + int(mask.sum())
-            total = int(batch["n_items"][mask].max())
-            if total >= 0:
-                self.totals[pid] = total
-            if self.seen[pid] == self.totals.get(pid):
-                completed.append(pid)
-        return completed
+        return [pid for i, pid in enumerate(pids)
+                if self.add_rows(pid, int((inverse == i).sum()), int(batch["n_items"][inverse == i].max()))]
 
 
 def score_histograms(thresholds: dict[str, float]) -> dict[str, ScoreHistogram]:
     return {name: ScoreHistogram(value) for name, value in thresholds.items()}
-
-
-def add_to_histograms(histograms: dict[str, ScoreHistogram], batch: dict[str, np.ndarray]) -> None:
-    """A batch's scores of decoded items into the run's per-detector histograms."""
-    ok = batch["decision"] != FAILED
-    for name, histogram in histograms.items():
-        histogram.add(batch[f"score_{name}"][ok])
-
-
-class PartitionCollector:
-    """Groups streamed rows by partition; yields a partition's columns once all its rows arrived."""
-
-    def __init__(self, partitions: list[Partition]):
-        self.partitions = {p.id: p for p in partitions}
-        self.rows: dict[str, list[dict]] = {}
-        self.counter = PartitionCounter()
-
-    def add(self, batch: dict[str, np.ndarray]):
-        for pid in np.unique(batch["partition"]):
-            mask = batch["partition"] == pid
-            self.rows.setdefault(pid, []).append({k: v[mask] for k, v in batch.items()})
-        for pid in self.counter.add(batch):
-            chunks = self.rows.pop(pid)
-            yield self.partitions[pid], {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-    def unseen(self, dim: int, detector_names: list[str]):
-        """Partitions that produced no rows at all (empty files): finished with empty outputs."""
-        if self.rows:
-            raise RuntimeError(f"stream ended with incomplete partitions: {sorted(self.rows)}")
-        empty = {k: np.zeros(0, object) for k in ("partition", "id", "source", "error_kind", "error_message",
-                                                  "decision", "fired")}
-        empty |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64), "whole_file": np.zeros(0, bool),
-                  "embedding": np.zeros((0, dim), np.float32)}
-        empty |= {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
-        for pid, partition in self.partitions.items():
-            if pid not in self.counter.seen:
-                yield partition, empty
 
 
 class StreamProgress:
@@ -141,11 +105,17 @@ class StreamProgress:
 
     def add(self, batch: dict[str, np.ndarray], finished_partitions: int) -> None:
         decisions = batch["decision"]
-        self.counts["items"] += len(decisions)
-        for outcome, key in ((FAILED, "failed"), (KEEP, "kept"), (REMOVE, "removed")):
+        self.add_counts({"rows": len(decisions), **{key: int((decisions == outcome).sum()) for outcome, key in
+                                                    ((FAILED, "failed"), (KEEP, "kept"), (REMOVE, "removed"))}},
+                        finished_partitions)
+
+    def add_counts(self, counts: dict, finished_partitions: int) -> None:
+        """`counts`: rows and kept/removed/failed of some rows (what the writing stage reports)."""
+        self.counts["items"] += counts["rows"]
+        for key in ("kept", "removed", "failed"):
             if key in self.counts:
-                self.counts[key] += int((decisions == outcome).sum())
-        self.progress.update(len(decisions) if self.by_images else finished_partitions, **self.counts)
+                self.counts[key] += counts[key]
+        self.progress.update(counts["rows"] if self.by_images else finished_partitions, **self.counts)
 
 
 def wait_for_writers(jobs: list[tuple[Partition, object]]) -> tuple[list[dict], list[dict]]:

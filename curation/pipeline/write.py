@@ -3,6 +3,13 @@ the manifest record last.
 
 Output names are deterministic per input (image path, parquet file, shard), so redoing a partition
 after a crash overwrites instead of duplicating.
+
+During a curate run, scored rows never travel to the driver: the stream's last stage
+(`spool_rows`, in Ray Data) writes each batch's rows of a partition to
+`_spool/<partition>/<first position>.parquet` where they were scored and sends the driver counts;
+once a partition's rows are all spooled, `finish_partition` (a Ray Task) reads them back and writes
+the partition's outputs. A retried batch rewrites the same spool file (same first position), and a
+run starts by deleting every spool file (`RunDirectory.remove_unfinished_outputs`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from curation.pipeline.decode import DecodeError
 from curation.pipeline.read import UNAVAILABLE, fetch, iter_source_shard, read_parquet_table, read_source_table
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
+SPOOL = "_spool"
 
 
 def fired_list(fired: str) -> list[str]:
@@ -142,6 +150,90 @@ def read_partition_results(previous: RunDirectory, pid: str) -> dict[str, np.nda
             "whole_file": np.array([False] * n_ok + (failed.column("whole_file").to_pylist()
                                                      if "whole_file" in failed.column_names else [False] * n_bad)),
             "embedding": np.concatenate([embedding, np.zeros((n_bad, dim), np.float32)])}
+
+
+def _rows_table(rows: dict[str, np.ndarray]):
+    """Scored rows as an Arrow table: strings, numbers, and (n, d) embeddings as fixed-size lists."""
+    import pyarrow as pa
+
+    columns = []
+    for values in rows.values():
+        values = np.asarray(values)
+        if values.ndim == 2:
+            flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), type=pa.float32())
+            columns.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+        elif values.dtype == object:
+            columns.append(pa.array(values.tolist(), type=pa.string()))
+        else:
+            columns.append(pa.array(values))
+    return pa.Table.from_arrays(columns, names=list(rows))
+
+
+def _table_rows(table) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):
+            out[name] = np.asarray(column.flatten(), np.float32).reshape(len(column), column.type.list_size)
+        elif pa.types.is_string(column.type):
+            out[name] = np.array(column.to_pylist(), dtype=object)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+def empty_rows(dim: int, detector_names: list[str]) -> dict[str, np.ndarray]:
+    """The columns of a partition that produced no rows at all (an empty file)."""
+    rows = {k: np.zeros(0, object) for k in ("partition", "id", "source", "error_kind", "error_message",
+                                             "decision", "fired")}
+    rows |= {"position": np.zeros(0, np.int64), "n_items": np.zeros(0, np.int64), "whole_file": np.zeros(0, bool),
+             "embedding": np.zeros((0, dim), np.float32)}
+    return rows | {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
+
+
+def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Ray Data writing stage: each partition's rows of `batch` to `_spool/<partition>/<first
+    position>.parquet`; out goes one row per partition with its counts (JSON): rows, `n_items`
+    (-1 until its last block), kept/removed/failed, and score histograms per detector."""
+    import json
+
+    from curation.metrics import ScoreHistogram
+
+    out = {"partition": [], "counts": []}
+    for pid in np.unique(batch["partition"]):
+        mask = batch["partition"] == pid
+        rows = {key: value[mask] for key, value in batch.items()}
+        _write_table(run, _rows_table(rows), SPOOL, pid, f"{int(rows['position'].min()):012d}.parquet")
+        ok = rows["error_kind"] == ""
+        histograms = {n: ScoreHistogram.of(rows[f"score_{n}"][ok], t) for n, t in thresholds.items()}
+        counts = {"rows": int(mask.sum()), "n_items": int(rows["n_items"].max()),
+                  "kept": int((rows["decision"] == KEEP).sum()), "removed": int((rows["decision"] == REMOVE).sum()),
+                  "failed": int((rows["decision"] == FAILED).sum()),
+                  "histograms": {n: h.counts.tolist() for n, h in histograms.items()},
+                  "flagged": {n: h.flagged for n, h in histograms.items()}}
+        out["partition"].append(pid)
+        out["counts"].append(json.dumps(counts))
+    return {key: np.array(values, dtype=object) for key, values in out.items()}
+
+
+def finish_partition(run: RunDirectory, partition: Partition, source, detector_names: list[str],
+                     store_embeddings: bool, dim: int) -> dict:
+    """Ray Task: a partition whose rows are all spooled -> its outputs and manifest record
+    (`write_partition`), then its spool files deleted. Positions must cover 0..n-1 exactly once;
+    anything else leaves the partition unfinished for the next run, never a wrong output."""
+    files = storage.list_files(run.path(SPOOL, partition.id, ""), run.options, (".parquet",))
+    chunks = [_table_rows(read_parquet_table(file, run.options)) for file in files]
+    results = ({key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]} if chunks
+               else empty_rows(dim, detector_names))
+    if sorted(results["position"].tolist()) != list(range(len(results["position"]))):
+        return {"unfinished": f"spooled rows of {partition.id} do not cover its items exactly once",
+                "partition": partition.id}
+    outcome = write_partition(run, partition, results, source, detector_names, store_embeddings)
+    if "unfinished" not in outcome:
+        storage.remove_many(files, run.options)
+    return outcome
 
 
 def partition_counts(partition: Partition, results: dict, detector_names: list[str]) -> dict:
