@@ -1,9 +1,9 @@
-"""The image stream as the jobs consume it: rows grouped back into partitions, progress, writer
+"""The image stream as the jobs consume it: partitions counted to completion, progress, writer
 results and counts, and scoring image sets without deciding (calibration and evaluation).
 
-Rows arrive from `ray_data.stream` in any order across partitions; a partition's rows are complete
-when as many arrived as the `n_items` of its last block says (earlier blocks carry -1: the reader
-streams a file and learns its total only at the end).
+Rows (or, in curate, the writing stage's counts) arrive in any order across partitions; a
+partition is complete when as many rows arrived as the `n_items` of its last block says (earlier
+blocks carry -1: the reader streams a file and learns its total only at the end).
 """
 
 from __future__ import annotations
