@@ -93,3 +93,24 @@ def test_local_paths_are_refused_on_a_multi_node_cluster_unless_declared_shared(
                                                        detectors=("mcm",)), nodes=3)
     s3 = make_config("s3://bucket/images", "output.uri=s3://bucket/out", detectors=("mcm",))
     preflight.check_local_paths_on_cluster(s3, nodes=3)
+
+
+def test_text_and_detector_caches_can_be_shared_on_s3(make_config, tmp_path):
+    """cache_dir on S3 (read with output.storage_options): every node of a cluster would find the
+    corpus embeddings and the fitted detector there instead of encoding again."""
+    from s3server import make_bucket, moto_s3
+
+    from curation import storage
+
+    with moto_s3() as options:
+        make_bucket(options, "cache")
+        cfg = make_config(str(tmp_path / "unused"), "cache_dir=s3://cache/shared",
+                          f"output.storage_options={json.dumps(options)}", detectors=("hftt",))
+        artifacts, reused = cache.fitted_detectors(cfg)
+        assert reused == {"hftt": False}
+        files = storage.list_files("s3://cache/shared", options)
+        assert any("/text/" in f for f in files)
+        assert any(f.endswith(f"/detectors/{cache.detector_key(cfg.model, cfg.detectors[0])}/{cache.CACHE_RECORD}")
+                   for f in files)
+        again, reused = cache.fitted_detectors(cfg)
+        assert reused == {"hftt": True} and again[0][ARTIFACT_TENSORS] == artifacts[0][ARTIFACT_TENSORS]

@@ -3,7 +3,9 @@ fitted from text in Ray Tasks (one per detector) and cached.
 
 A cache entry is a directory named by `detector_key` under `<cache>/detectors/`, holding the
 artifact files and `_complete.json` ({file name: sha256}), written last: an entry without it, or
-whose files fail their checksums or do not load for the model, is refitted, never trusted.
+whose files fail their checksums or do not load for the model, is refitted, never trusted. The
+cache (`cache_dir`, with the text cache under `<cache>/text/`) is a local folder or an s3:// URI
+read with `output.storage_options`: on S3 every node of a cluster shares one cache.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ log = logging.getLogger("curation")
 CACHE_RECORD = "_complete.json"  # {file name: sha256} of a cached artifact, written last
 
 
-def cache_root(cfg: RunConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.cache_dir else storage.cache_home()
+def cache_root(cfg: RunConfig) -> str:
+    return cfg.cache_dir if cfg.cache_dir else str(storage.cache_home())
 
 
 def detector_class(det: DetectorConfig) -> type[Detector]:
@@ -37,7 +39,7 @@ def build_detector(det: DetectorConfig) -> Detector:
     return detector_class(det)(det.task_texts, side=det.side, name=det.label, **det.params)
 
 
-def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) -> dict[str, bytes]:
+def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str, options: dict) -> dict[str, bytes]:
     """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached)."""
     import torch
 
@@ -48,7 +50,8 @@ def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str) ->
     log.info("fitting %s detector %r", det.kind, det.label)
     # On a GPU the task encodes its own shards; on CPUs, shards fan out over Ray Tasks.
     map_shards = None if torch.cuda.is_available() else ray_data.ray_map_shards(model_cfg)
-    encoder = CachedTextEncoder(ray_data.worker_model(model_cfg), Path(cache_dir) / "text", map_shards=map_shards)
+    encoder = CachedTextEncoder(ray_data.worker_model(model_cfg), storage.join(cache_dir, "text"),
+                                map_shards=map_shards, storage_options=options)
     detector = build_detector(det)
     detector.fit(encoder, load_corpus(detector_class(det).corpus_kind, det.corpus))
     return detector_to_files(detector)
@@ -71,40 +74,42 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
     """Artifacts of every configured detector: reused from the cache when config and model match
     and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached.
     Registered detectors (resolved by `registry.resolve`) are downloaded, never fitted."""
-    root, identity = cache_root(cfg) / "detectors", model_identity(cfg.model)
+    root, identity = storage.join(cache_root(cfg), "detectors"), model_identity(cfg.model)
+    options = cfg.output.storage_options
     keys = [None if det.registered else detector_key(cfg.model, det) for det in cfg.detectors]
-    cached = [registry.fetch(cfg, det) if det.registered else cached_artifact(root / key, identity)
+    cached = [registry.fetch(cfg, det) if det.registered else cached_artifact(storage.join(root, key), identity, options)
               for det, key in zip(cfg.detectors, keys)]
-    todo = [(cfg.model, det, str(cache_root(cfg))) for det, files in zip(cfg.detectors, cached) if files is None]
+    todo = [(cfg.model, det, cache_root(cfg), options) for det, files in zip(cfg.detectors, cached) if files is None]
     gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
     if todo:
         reused = [d.label for d, files in zip(cfg.detectors, cached) if files is not None]
         log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
-                 ", ".join(d.label for _, d, _ in todo), ", ".join(reused) or "none")
+                 ", ".join(d.label for _, d, _, _ in todo), ", ".join(reused) or "none")
     fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
-    artifacts = [files if files is not None else cache_artifact(root / key, next(fitted))
+    artifacts = [files if files is not None else cache_artifact(storage.join(root, key), next(fitted), options)
                  for key, files in zip(keys, cached)]
     return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
 
 
-def cache_artifact(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+def cache_artifact(directory: str | Path, files: dict[str, bytes], options: dict | None = None) -> dict[str, bytes]:
     """Write a fitted artifact; the checksum record last, since it marks the entry complete."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CACHE_RECORD).unlink(missing_ok=True)
+    directory = str(directory)
+    storage.remove(storage.join(directory, CACHE_RECORD), options)
     for name, data in files.items():
-        (directory / name).write_bytes(data)
-    (directory / CACHE_RECORD).write_text(json.dumps(artifact_checksums(files), indent=2))
+        storage.write_bytes(storage.join(directory, name), data, options)
+    storage.write_bytes(storage.join(directory, CACHE_RECORD),
+                        json.dumps(artifact_checksums(files), indent=2).encode(), options)
     return files
 
 
-def cached_artifact(directory: Path, identity: str) -> dict[str, bytes] | None:
+def cached_artifact(directory: str, identity: str, options: dict | None = None) -> dict[str, bytes] | None:
     """The cached artifact if it is complete, matches its checksums and loads for model `identity`;
     None (refit) otherwise, with a warning when an entry was there but failed the check."""
-    if not directory.exists():
+    if not storage.list_files(directory, options):
         return None
     try:
-        record = json.loads((directory / CACHE_RECORD).read_text())
-        files = {name: (directory / name).read_bytes() for name in record}
+        record = json.loads(storage.read_bytes(storage.join(directory, CACHE_RECORD), options))
+        files = {name: storage.read_bytes(storage.join(directory, name), options) for name in record}
         checksums = artifact_checksums(files)
         corrupt = sorted(n for n in files if checksums[n] != record[n])
         if corrupt:

@@ -3,18 +3,19 @@
 Text embeddings depend only on (model identity, precision, text), so every corpus is encoded once
 and reused by every detector, seed and run. Corpora are split into fixed shards, each cached under
 the hash of its own texts, so an interrupted encoding resumes and shards can be encoded in
-parallel (the pipeline maps them over Ray tasks).
+parallel (the pipeline maps them over Ray tasks). The cache may live on S3 (`cache_dir:
+s3://...`), shared by every node of a cluster.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from curation import storage
 from curation.progress import Progress
 
 DEFAULT_SHARD_SIZE = 16384
@@ -41,19 +42,21 @@ def shard_key(cache_tag: str, texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    from safetensors.numpy import save_file
+def _save(uri: str, array: np.ndarray, storage_options: dict) -> None:
+    """Atomic either way (a local temp file renamed, one S3 PUT): a reader never sees half a shard."""
+    from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"embeddings": np.ascontiguousarray(array)}, str(tmp))
-    tmp.replace(path)  # atomic: a reader never sees half a shard
+    storage.write_bytes(uri, save({"embeddings": np.ascontiguousarray(array)}), storage_options)
 
 
-def _load(path: Path) -> np.ndarray | None:
-    from safetensors.numpy import load_file
+def _load(uri: str, storage_options: dict) -> np.ndarray | None:
+    from safetensors.numpy import load
 
-    return load_file(str(path))["embeddings"] if path.exists() else None
+    try:
+        data = storage.read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        return None
+    return load(data)["embeddings"]
 
 
 class CachedTextEncoder:
@@ -66,10 +69,13 @@ class CachedTextEncoder:
     arrives."""
 
     def __init__(self, encoder, cache_dir: str | Path | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                 map_shards: Callable | None = None):
+                 map_shards: Callable | None = None, storage_options: dict | None = None):
+        """`cache_dir`: a local folder or an s3:// URI (with `storage_options`), which every node
+        of a cluster shares, so a corpus is encoded once, not once per node."""
         self.encoder = encoder
         self.identity = encoder.identity
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = str(cache_dir) if cache_dir else str(default_cache_dir())
+        self.storage_options = storage_options or {}
         self.shard_size = shard_size
         self.map_shards = map_shards
         self.hits = 0
@@ -79,15 +85,15 @@ class CachedTextEncoder:
     def cache_tag(self) -> str:
         return getattr(self.encoder, "cache_tag", self.identity)
 
-    def _path(self, texts: Sequence[str]) -> Path:
-        return self.cache_dir / f"{shard_key(self.cache_tag, texts)}.safetensors"
+    def _path(self, texts: Sequence[str]) -> str:
+        return storage.join(self.cache_dir, f"{shard_key(self.cache_tag, texts)}.safetensors")
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Rows of `texts` [n, d]: cached shards read, the others encoded and cached; progress as
         texts to encode (cached shards skipped as an extra)."""
         texts = list(texts)
         shards = [texts[i:i + self.shard_size] for i in range(0, len(texts), self.shard_size)]
-        cached = [_load(self._path(shard)) for shard in shards]
+        cached = [_load(self._path(shard), self.storage_options) for shard in shards]
         missing = [shard for shard, rows in zip(shards, cached) if rows is None]
         self.hits += len(shards) - len(missing)
         self.misses += len(missing)
@@ -98,7 +104,7 @@ class CachedTextEncoder:
             for shard, rows in zip(shards, cached):
                 if rows is None:
                     rows = np.asarray(next(encoded), dtype=np.float32)
-                    _save(self._path(shard), rows)
+                    _save(self._path(shard), rows, self.storage_options)
                 out.append(rows)
         return np.concatenate(out)
 
