@@ -244,3 +244,68 @@ def test_a_webdataset_partition_is_split_by_streaming_the_shard_again(tmp_path):
         with tarfile.open(tmp_path / "out" / "r" / folder / "s.tar") as tar:
             names = tar.getnames()
         assert sorted({n.split(".")[0] for n in names}) == keys and len(names) == 2 * len(keys)
+
+
+class _Recording:
+    """A file handle that records each read's size and can fail like a store after `fail_after` bytes."""
+
+    def __init__(self, handle, fail_after: int | None = None):
+        self.handle, self.fail_after, self.reads, self.total = handle, fail_after, [], 0
+
+    def read(self, n=-1):
+        if self.fail_after is not None and self.total >= self.fail_after:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        data = self.handle.read(n)
+        self.reads.append(len(data))
+        self.total += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def _recorded_opens(monkeypatch, fail_after=None) -> list:
+    opened, real = [], storage.open_for_read
+
+    def open_for_read(uri, options=None):
+        handle, size = real(uri, options)
+        opened.append(_Recording(handle, fail_after))
+        return opened[-1], size
+
+    monkeypatch.setattr(storage, "open_for_read", open_for_read)
+    return opened
+
+
+def test_a_parquet_file_is_read_a_record_batch_at_a_time(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io_bytes(hostile.parquet_bytes(600, seed=14)))
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=100)
+    size = os.path.getsize(tmp_path / "big.parquet")
+    opened = _recorded_opens(monkeypatch)
+    items = items_of(tmp_path, "big.parquet", "parquet")
+    assert [item.id for item in items] == [f"p14-{i}" for i in range(600)] and not any(i.error for i in items)
+    assert max(opened[0].reads) < size / 3  # a row group at a time, never the file
+
+
+def test_a_store_failing_mid_stream_leaves_the_file_unavailable(tmp_path, monkeypatch):
+    hostile.write_good_shard(tmp_path / "s.tar", 30, seed=15)
+    (tmp_path / "p.parquet").write_bytes(hostile.parquet_bytes(30, seed=16))
+    _recorded_opens(monkeypatch, fail_after=20_000)
+    shard = items_of(tmp_path, "s.tar", "webdataset")
+    assert 0 < len(shard) < 31 and (shard[-1].error.kind, shard[-1].whole_file) == (UNAVAILABLE, True)
+    assert "Connection reset" in shard[-1].error.message
+    table = items_of(tmp_path, "p.parquet", "parquet")
+    assert (table[-1].error.kind, table[-1].whole_file) == (UNAVAILABLE, True)
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)

@@ -64,10 +64,34 @@ def _read_failure(err: Exception, source) -> DecodeError:
     return DecodeError(UNAVAILABLE, f"{type(err).__name__} after {source.read_attempts} attempts: {err}")
 
 
+class StoreReadError(OSError):
+    """A read of an open source file failed in the store (not in the data): transient, the
+    partition is redone by the next run."""
+
+
+class _Guarded:
+    """A source file handle whose read failures say they came from the store, so a parser's own
+    errors (a corrupt parquet page, a cut tar) are never mistaken for them. Parsers (pyarrow,
+    tarfile) re-raise a failing read's exception as it was."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle = handle
+
+    def read(self, *args):
+        try:
+            return self._handle.read(*args)
+        except OSError as err:
+            raise StoreReadError(f"{type(err).__name__}: {err}") from err
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+
 @contextlib.contextmanager
 def open_source(uri: str, source, max_bytes: int) -> Iterator[BinaryIO | DecodeError]:
     """A file of `source` opened for streaming (retried like `fetch`), or why not: `too_large`
-    past `max_bytes` (from its size, before reading), `missing`, UNAVAILABLE."""
+    past `max_bytes` (from its size, before reading), `missing`, UNAVAILABLE. Reads that fail
+    later raise StoreReadError."""
     try:
         handle, size = storage.retry_transient(lambda: storage.open_for_read(uri, source.storage_options),
                                                source.read_attempts, source.retry_backoff_s)
@@ -78,7 +102,7 @@ def open_source(uri: str, source, max_bytes: int) -> Iterator[BinaryIO | DecodeE
         if size > max_bytes:
             yield DecodeError("too_large", f"{size} bytes > {max_bytes} (source.max_file_bytes)")
         else:
-            yield handle
+            yield _Guarded(handle)
 
 
 def iter_image_files(partition: Partition, source) -> Iterator[RawItem]:
@@ -96,19 +120,33 @@ def read_parquet_table(uri: str, options: dict):
     return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
 
 
-def read_source_table(uri: str, source):
-    """A source parquet file as a table, or a DecodeError for the whole file (too large, missing,
-    unavailable, or not parquet: a corrupt or partly uploaded file raises ArrowInvalid)."""
+PARQUET_BATCH_ROWS = 256  # rows per record batch when a source parquet file is streamed
+
+
+def iter_source_batches(uri: str, source, columns: list[str] | None = None):
+    """A source parquet file as (schema names, record batches of PARQUET_BATCH_ROWS rows) streamed
+    from storage (one row group decompressed at a time, only `columns`), or a DecodeError for the
+    whole file (too large, missing, unavailable, not parquet: a partly uploaded file has no
+    footer). A failure part way raises: StoreReadError from the store, else the parser's error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = fetch(uri, source, source.max_file_bytes)
-    if isinstance(data, DecodeError):
-        return data
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except (pa.ArrowException, ValueError, OSError) as err:
-        return DecodeError("corrupt", f"not a readable parquet file: {type(err).__name__}: {err}")
+    with open_source(uri, source, source.max_file_bytes) as handle:
+        if isinstance(handle, DecodeError):
+            yield handle
+            return
+        try:
+            parquet = pq.ParquetFile(handle, pre_buffer=False)  # pre-buffering would fetch every row group at once
+        except StoreReadError as err:
+            yield DecodeError(UNAVAILABLE, str(err))
+            return
+        except (pa.ArrowException, ValueError, OSError) as err:
+            yield DecodeError("corrupt", f"not a readable parquet file: {type(err).__name__}: {err}")
+            return
+        names = parquet.schema_arrow.names
+        wanted = None if columns is None else [c for c in columns if c in names] or None
+        yield names
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
 
 
 def _cell_bytes(value) -> bytes | None:
@@ -118,10 +156,11 @@ def _cell_bytes(value) -> bytes | None:
     return bytes(value) if value is not None else None
 
 
-def parquet_ids(table, name: str, id_column: str) -> list[str]:
-    if id_column in table.column_names:
+def parquet_ids(table, name: str, id_column: str, first_row: int = 0) -> list[str]:
+    """The id column's values, or `file#row` (rows counted from the file's start)."""
+    if id_column in table.schema.names:
         return [str(v) for v in table.column(id_column).to_pylist()]
-    return [f"{name}#{row}" for row in range(table.num_rows)]
+    return [f"{name}#{row}" for row in range(first_row, first_row + table.num_rows)]
 
 
 def _cell_error(data: bytes | None, source) -> DecodeError | None:
@@ -133,22 +172,35 @@ def _cell_error(data: bytes | None, source) -> DecodeError | None:
 
 
 def iter_parquet(partition: Partition, source) -> Iterator[RawItem]:
+    """A parquet file's rows, streamed a record batch at a time (never the whole file)."""
+    import pyarrow as pa
+
     (name,) = partition.inputs
     uri = storage.join(source.uri, name)
-    table = read_source_table(uri, source)
-    if isinstance(table, DecodeError):
-        yield RawItem(name, uri, None, table, whole_file=True)
+    stream = iter_source_batches(uri, source, [source.id_column, source.image_column])
+    header = next(stream)
+    if isinstance(header, DecodeError):
+        yield RawItem(name, uri, None, header, whole_file=True)
         return
-    ids = parquet_ids(table, name, source.id_column)
-    if source.image_column not in table.column_names:
-        error = DecodeError("no_image_column", f"source.image_column {source.image_column!r} is not a column of "
-                                               f"{uri}; columns: {table.column_names}")
-        yield from (RawItem(item_id, f"{uri}#{row}", None, error) for row, item_id in enumerate(ids))
-        return
-    for row, (item_id, cell) in enumerate(zip(ids, table.column(source.image_column).to_pylist())):
-        data = _cell_bytes(cell)
-        error = _cell_error(data, source)
-        yield RawItem(item_id, f"{uri}#{row}", None if error else data, error)
+    missing_column = None if source.image_column in header else DecodeError(
+        "no_image_column", f"source.image_column {source.image_column!r} is not a column of {uri}; columns: {header}")
+    row = 0
+    try:
+        for batch in stream:
+            ids = parquet_ids(batch, name, source.id_column, first_row=row)
+            cells = (batch.column(source.image_column).to_pylist() if missing_column is None
+                     else [None] * batch.num_rows)
+            for item_id, cell in zip(ids, cells):
+                data = None if missing_column else _cell_bytes(cell)
+                error = missing_column or _cell_error(data, source)
+                yield RawItem(item_id, f"{uri}#{row}", None if error else data, error)
+                row += 1
+    except StoreReadError as err:
+        yield RawItem(name, uri, None, DecodeError(UNAVAILABLE, str(err)), whole_file=True)
+    except (pa.ArrowException, ValueError, OSError) as err:
+        yield RawItem(name, uri, None, DecodeError("truncated" if row else "corrupt",
+                                                   f"parquet read failed after {row} rows: {type(err).__name__}: {err}"),
+                      whole_file=True)
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
@@ -286,8 +338,8 @@ def iter_source_shard(uri: str, source) -> Iterator[ShardEntry]:
             return
         try:
             yield from iter_shard(handle, source)
-        except OSError as err:  # the store failed under a streaming read (tar errors are handled inside)
-            yield ShardEntry("", {}, _read_failure(err, source), whole_file=True)
+        except StoreReadError as err:  # the store failed under the streaming read
+            yield ShardEntry("", {}, DecodeError(UNAVAILABLE, str(err)), whole_file=True)
 
 
 def _shard_item(name: str, uri: str, entry: ShardEntry) -> RawItem:

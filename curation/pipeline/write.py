@@ -23,7 +23,8 @@ import numpy as np
 from curation import storage
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.decode import DecodeError
-from curation.pipeline.read import UNAVAILABLE, fetch, iter_source_shard, read_parquet_table, read_source_table
+from curation.pipeline.read import (UNAVAILABLE, StoreReadError, fetch, iter_source_batches, iter_source_shard,
+                                    read_parquet_table)
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
 SPOOL = "_spool"
@@ -62,10 +63,30 @@ def _split_images(run: RunDirectory, source, results: dict) -> None:
 
 
 def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) -> None:
+    """kept/ and removed/ parquet files with every original column, streamed a record batch at a
+    time from the source into both outputs (never the whole table in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     uri = storage.join(source.uri, name)
-    table = _readable(read_source_table(uri, source), uri)
-    for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
-        _write_table(run, table.filter(decisions == wanted), folder, name)
+    stream = iter_source_batches(uri, source)
+    _readable(next(stream), uri)
+    row = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for batch in stream:
+                chosen = decisions[row:row + batch.num_rows]
+                row += batch.num_rows
+                for folder, wanted in (("kept", KEEP), ("removed", REMOVE)):
+                    if folder not in writers:
+                        handle = stack.enter_context(storage.open_for_write(run.path(folder, name), run.options))
+                        writers[folder] = stack.enter_context(pq.ParquetWriter(handle, batch.schema))
+                    writers[folder].write_batch(batch.filter(pa.array(chosen == wanted)))
+    except StoreReadError as err:
+        raise SourceUnavailableError(f"{uri}: could not be read again: {err}") from err
+    if row != len(decisions):
+        raise SourceUnavailableError(f"{uri}: has {row} rows now, {len(decisions)} when it was decoded")
 
 
 def _tar_writer(uri: str, options: dict, stack: contextlib.ExitStack) -> tarfile.TarFile:
