@@ -165,11 +165,12 @@ def bench_model(model_name: str, root: Path) -> dict:
     import ray
 
     from curation.detectors.cache import fitted_detectors
+    from curation.models import batch_size_for
 
     sizes = SIZES[model_name]
     dirs = [write_images(root / f"{model_name}-{n}", n) for n in sizes]
     cfg = job_config(model_name, dirs[0], root / "out", root / "cache", "fit")
-    batch_size = cfg.model.batch_size
+    batch_size = batch_size_for(cfg.model, on_gpu=False)  # what the job's CPU actors use
     plain = [plain_loop_s(model_name, d, batch_size) for d in dirs]
     ray.init(address="local", include_dashboard=False)
     fitted_detectors(cfg)  # fitted once, outside the timed runs

@@ -48,13 +48,21 @@ class ModelConfig:
     precision: str = "fp32"
     device: str = "auto"
     cache_dir: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: follows the device (`batch_size_for`)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"model.precision: {self.precision!r} is not one of {PRECISIONS}")
-        if not (type(self.batch_size) is int and self.batch_size >= 1):
-            raise ValueError(f"model.batch_size: must be a positive integer, got {self.batch_size!r}")
+        if self.batch_size is not None and not (type(self.batch_size) is int and self.batch_size >= 1):
+            raise ValueError(f"model.batch_size: must be a positive integer or null, got {self.batch_size!r}")
+
+
+CPU_BATCH, GPU_BATCH = 64, 256  # images per forward pass: a CPU gains nothing past 64, a GPU idles below 256
+
+
+def batch_size_for(cfg: ModelConfig, on_gpu: bool) -> int:
+    """The configured batch size, or the device's default when it is null."""
+    return cfg.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,8 @@ def load_model(cfg: ModelConfig) -> "ClipEncoder":
     with Waiting(f"loading model {cfg.name} ({cfg.pretrained or 'random weights'}) on {device}"):
         model, preprocess, tokenizer = _create(cfg, device)
     model.eval().requires_grad_(False)
-    return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device, cfg.batch_size,
+    return ClipEncoder(model, preprocess, tokenizer, model_identity(cfg), device,
+                       batch_size_for(cfg, device.startswith("cuda")),
                        text_identity(cfg))
 
 

@@ -38,3 +38,15 @@ def test_fields_the_config_sets_are_kept():
     assert (plan.actors, plan.cpus_per_actor, plan.torch_threads) == (3, 0.5, 1)
     # a set actor count still gets threads that share the node's cores among them
     assert resolve_compute(ComputeConfig(actors=2), [8.0], gpus=0).torch_threads == 4
+
+
+def test_batch_size_follows_the_device_unless_configured():
+    from curation.config import load_config
+    from curation.models import CPU_BATCH, GPU_BATCH, ModelConfig, batch_size_for
+
+    auto = load_config(None, ["model.batch_size=null"]).model
+    assert auto.batch_size is None
+    assert (batch_size_for(auto, on_gpu=False), batch_size_for(auto, on_gpu=True)) == (CPU_BATCH, GPU_BATCH)
+    assert batch_size_for(ModelConfig(batch_size=8), on_gpu=True) == 8
+    with pytest.raises(ValueError, match="model.batch_size: must be a positive integer or null"):
+        ModelConfig(batch_size=0)

@@ -31,7 +31,7 @@ def test_partition_size_zero_fails_before_the_run_directory_is_claimed(tmp_path,
 
 @pytest.mark.parametrize("override, message", [
     ("source.max_pixels=-1", "source.max_pixels: must be a positive integer, got -1"),
-    ("model.batch_size=0", "model.batch_size: must be a positive integer, got 0"),
+    ("model.batch_size=0", "model.batch_size: must be a positive integer or null, got 0"),
     ("compute.actors=0", "compute.actors: must be a positive integer, got 0"),
     ("compute.cpus_per_actor=-0.5", "compute.cpus_per_actor: must be a finite number >= 0"),
     ("compute.gpus_per_actor=.nan", "compute.gpus_per_actor: must be a finite number >= 0, got nan"),

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from curation.config import ComputeConfig, SourceConfig
-from curation.models import ModelConfig
+from curation.models import ModelConfig, batch_size_for
 from curation.pipeline.plan import Partition
 
 log = logging.getLogger("curation")
@@ -212,7 +212,7 @@ def _scored(partitions: list[Partition], source: SourceConfig, model_cfg: ModelC
         _decode_batch, batch_size=1, num_cpus=compute.decode_cpus,
         fn_kwargs={"image_size": image_size, "source": source})
     return dataset.map_batches(
-        EmbedAndScore, batch_size=model_cfg.batch_size, num_cpus=compute.cpus_per_actor,
+        EmbedAndScore, batch_size=batch_size_for(model_cfg, compute.gpus_per_actor > 0), num_cpus=compute.cpus_per_actor,
         num_gpus=compute.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
         fn_constructor_kwargs={"model_cfg": model_cfg, "detector_files": ray.put(detector_files),
