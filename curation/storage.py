@@ -415,6 +415,8 @@ def read_many(uris: list[str], storage_options: dict | None = None) -> dict[str,
         return {}
     fs, _ = filesystem(uris[0], storage_options)
     paths = {filesystem(uri, storage_options)[1]: uri for uri in uris}
+    if any(char in path for path in paths for char in "*?["):  # `cat` would expand them as globs
+        return {uri: fs.cat_file(path) for path, uri in paths.items()}
     contents = fs.cat(list(paths), on_error="raise")
     return {paths[path]: data for path, data in contents.items()}
 

@@ -100,11 +100,13 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
             complete = counter.add_rows(pid, counts["rows"], counts["n_items"])
             if complete:
                 _check_lease(lease)
-                jobs.append((by_id[pid], ray_data.submit(finish_partition, run, by_id[pid], *finish_args)))
+                jobs.append((by_id[pid], ray_data.submit(finish_partition, run, by_id[pid], *finish_args,
+                                                         counter.totals[pid])))
             progress.add_counts(counts, int(complete))
     for partition in (p for p in partitions if p.id not in counter.seen):  # no rows at all: empty files
-        jobs.append((partition, ray_data.submit(finish_partition, run, partition, *finish_args)))
+        jobs.append((partition, ray_data.submit(finish_partition, run, partition, *finish_args, 0)))
     counts, unfinished = wait_for_writers(jobs)
+    unfinished += counter.incomplete()
     timings["stream_and_write_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
 

@@ -60,10 +60,12 @@ def test_spooled_rows_come_back_as_one_partition_and_its_outputs(tmp_path):
     spool_rows(last, run, {"d": 0.5})
     spool = tmp_path / "out" / "run" / SPOOL / "a"
     assert sorted(p.name for p in spool.iterdir()) == ["000000000000.parquet", "000000000002.parquet"]
-    outcome = finish_partition(run, Partition("a", "images", tuple(names)), SourceConfig(uri=str(source_dir)),
-                               ["d"], True, 4)
+    partition = Partition("a", "images", tuple(names))
+    outcome = finish_partition(run, partition, SourceConfig(uri=str(source_dir)), ["d"], True, 4, 3)
     assert (outcome["kept"], outcome["removed"], outcome["failed"]) == (1, 1, 1)
     assert not spool.exists() or not list(spool.iterdir())
+    # Ray retries a task whose worker died after it finished: the record stands, nothing is redone
+    assert finish_partition(run, partition, SourceConfig(uri=str(source_dir)), ["d"], True, 4, 3) == outcome
     assert (tmp_path / "out" / "run" / "kept" / names[0]).is_file() and run.manifest()["a"]["counts"] == outcome
     back = read_partition_results(run, "a")
     assert sorted(back["position"].tolist()) == [0, 1, 2] and back["embedding"].shape == (3, 4)
@@ -71,11 +73,13 @@ def test_spooled_rows_come_back_as_one_partition_and_its_outputs(tmp_path):
 
 def test_a_partition_with_missing_spooled_rows_is_left_unfinished(tmp_path):
     run = RunDirectory(str(tmp_path / "out"), "run")
+    source = SourceConfig(uri=str(tmp_path))
     spool_rows(_rows("a", 3, [0, 2]), run, {"d": 0.5})  # position 1 never spooled
-    outcome = finish_partition(run, Partition("a", "images", ("x", "y", "z")), SourceConfig(uri=str(tmp_path)),
-                               ["d"], False, 4)
+    outcome = finish_partition(run, Partition("a", "images", ("x", "y", "z")), source, ["d"], False, 4, 3)
     assert "unfinished" in outcome and run.manifest() == {}
-    empty = finish_partition(run, Partition("e", "images", ()), SourceConfig(uri=str(tmp_path)), ["d"], False, 4)
+    spool_rows(_rows("b", 3, [0, 1]), run, {"d": 0.5})  # the tail's file not (yet) listed: not a short partition
+    assert "unfinished" in finish_partition(run, Partition("b", "images", ("x", "y", "z")), source, ["d"], False, 4, 3)
+    empty = finish_partition(run, Partition("e", "images", ()), source, ["d"], False, 4, 0)
     assert empty["items"] == 0 and "e" in run.manifest()  # a partition that produced no rows at all
 
 
@@ -94,6 +98,10 @@ def test_a_streamed_partition_completes_only_with_its_last_block():
     assert counter.add(_rows("s", 5, [4])) == ["s"]
     late_first = PartitionCounter()  # the last block may arrive before earlier ones
     assert late_first.add(_rows("s", 3, [2])) == [] and late_first.add(_rows("s", -1, [0, 1])) == ["s"]
+    assert counter.incomplete() == [] == late_first.incomplete()
+    short = PartitionCounter()
+    short.add(_concat(_rows("x", -1, [0]), _rows("y", 4, [3])))
+    assert [(u["partition"], "redoes it" in u["reason"]) for u in short.incomplete()] == [("x", True), ("y", True)]
 
 
 # -- decisions -----------------------------------------------------------------------------------
@@ -228,3 +236,12 @@ def test_apply_override_sets_nested_keys_list_items_and_yaml_values():
         apply_override(data, "model.batch_size")
     with pytest.raises(ConfigError, match="model.batch_size is not a section"):
         apply_override(data, "model.batch_size.x=1")
+
+
+def test_read_many_takes_glob_characters_literally(tmp_path):
+    folder = tmp_path / "run[1]*"
+    folder.mkdir()
+    (folder / "a?.json").write_text("1")
+    (folder / "ab.json").write_text("2")
+    uris = storage.list_files(str(folder), {})
+    assert sorted(storage.read_many(uris, {}).values()) == [b"1", b"2"]

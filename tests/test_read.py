@@ -309,3 +309,35 @@ def io_bytes(data: bytes):
     import io
 
     return io.BytesIO(data)
+
+
+def test_a_parquet_file_damaged_part_way_keeps_its_decided_rows_and_finishes(tmp_path):
+    """Rows before a damaged row group are decided and copied; the rest is one whole-file failed
+    row; the writer stops where decoding did instead of leaving the file unfinished forever."""
+    import pyarrow.parquet as pq
+
+    from curation.pipeline.plan import RunDirectory
+    from curation.pipeline.write import write_partition
+
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "cut.parquet"
+    pq.write_table(pq.read_table(io_bytes(hostile.parquet_bytes(768, seed=17))), path, row_group_size=256)
+    chunk = pq.ParquetFile(path).metadata.row_group(2).column(1)  # the image column of the last row group
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset:chunk.data_page_offset + 16] = b"\xff" * 16  # the page header
+    path.write_bytes(bytes(data))
+    source = SourceConfig(uri=str(tmp_path / "src"), format="parquet")
+    partition = Partition("p", "parquet", ("cut.parquet",))
+    items = list(iter_raw_items(partition, source))
+    assert len(items) == 513 and not any(i.error for i in items[:512])
+    assert (items[-1].error.kind, items[-1].whole_file) == ("truncated", True)
+    blocks = list(decode_partition(partition, source, 16))
+    columns = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    n = len(columns["id"])
+    decided = np.where(np.arange(n) < 512, np.where(np.arange(n) % 2 == 0, "keep", "remove"), "failed")
+    columns |= {"decision": decided.astype(object), "fired": np.array([""] * n, object),
+                "embedding": np.zeros((n, 4), np.float32), "score_x": np.zeros(n, np.float32)}
+    counts = write_partition(RunDirectory(str(tmp_path / "out"), "r"), partition, columns, source, ["x"], False)
+    assert (counts["kept"], counts["removed"], counts["failed_files"]) == (256, 256, 1)
+    kept = pq.read_table(tmp_path / "out" / "r" / "kept" / "cut.parquet")
+    assert kept.num_rows == 256 and kept.column("id").to_pylist()[:2] == ["p17-0", "p17-2"]

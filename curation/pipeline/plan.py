@@ -109,9 +109,16 @@ class RunDirectory:
     def manifest(self) -> dict[str, dict]:
         """Finished partitions: id -> manifest record, from the compacted files and the single
         records written since, all fetched in one concurrent batch (see `compact_manifest`)."""
-        files = storage.list_files(self.path("_manifest"), self.options, (".json", ".jsonl"))
+        for attempt in range(3):  # a resumed run compacting meanwhile may delete a listed file
+            files = storage.list_files(self.path("_manifest"), self.options, (".json", ".jsonl"))
+            try:
+                contents = storage.read_many(files, self.options)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         records = {}
-        for file, data in storage.read_many(files, self.options).items():
+        for file, data in contents.items():
             for text in data.decode("utf-8").splitlines() if file.endswith(".jsonl") else [data]:
                 if text.strip():
                     record = json.loads(text)

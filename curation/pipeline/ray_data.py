@@ -322,12 +322,12 @@ def submit(fn: Callable, *args, num_cpus: float = 0.25):
 
 def wait_all(refs: list) -> Iterator:
     """Results of Ray Tasks in order, each as soon as it is ready (the caller counts them); a task
-    that raised gives its exception instead, so one failed task does not hide what the others
-    finished."""
+    that raised, or whose worker died (crash, out of memory), gives its exception instead, so one
+    failed task does not hide what the others finished."""
     import ray
 
     for ref in refs:
         try:
             yield ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
+        except ray.exceptions.RayError as err:
             yield err

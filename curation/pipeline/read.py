@@ -80,8 +80,10 @@ class _Guarded:
     def read(self, *args):
         try:
             return self._handle.read(*args)
-        except OSError as err:
-            raise StoreReadError(f"{type(err).__name__}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - store failures re-raised as one type, others as they are
+            if storage.is_transient(err) or isinstance(err, storage.DEFINITE_ERRORS):
+                raise StoreReadError(f"{type(err).__name__}: {err}") from err
+            raise
 
     def __getattr__(self, name: str):
         return getattr(self._handle, name)

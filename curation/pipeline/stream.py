@@ -74,6 +74,13 @@ class PartitionCounter:
             self.totals[pid] = n_items
         return self.seen[pid] == self.totals.get(pid)
 
+    def incomplete(self) -> list[dict]:
+        """{partition, reason} of partitions with rows that never completed (rows lost or
+        delivered twice by the stream): left for the next run, never silently dropped."""
+        return [{"partition": pid, "reason": f"the stream delivered {seen} rows of "
+                                              f"{self.totals.get(pid, 'an unknown number')}; the next run redoes it"}
+                for pid, seen in sorted(self.seen.items()) if seen != self.totals.get(pid)]
+
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Count a batch's rows; returns the partitions it completed."""
         pids, inverse = np.unique(batch["partition"], return_inverse=True)

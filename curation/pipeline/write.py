@@ -64,7 +64,9 @@ def _split_images(run: RunDirectory, source, results: dict) -> None:
 
 def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) -> None:
     """kept/ and removed/ parquet files with every original column, streamed a record batch at a
-    time from the source into both outputs (never the whole table in memory)."""
+    time from the source into both outputs (never the whole table in memory). `decisions` are the
+    file's item rows; a file that decoding found unreadable part way (its tail a whole-file
+    failed row) ends the same way here, right after the decided rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -72,9 +74,9 @@ def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) 
     stream = iter_source_batches(uri, source)
     _readable(next(stream), uri)
     row = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            writers = {}
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        try:
             for batch in stream:
                 chosen = decisions[row:row + batch.num_rows]
                 row += batch.num_rows
@@ -83,10 +85,14 @@ def _split_parquet(run: RunDirectory, source, name: str, decisions: np.ndarray) 
                         handle = stack.enter_context(storage.open_for_write(run.path(folder, name), run.options))
                         writers[folder] = stack.enter_context(pq.ParquetWriter(handle, batch.schema))
                     writers[folder].write_batch(batch.filter(pa.array(chosen == wanted)))
-    except StoreReadError as err:
-        raise SourceUnavailableError(f"{uri}: could not be read again: {err}") from err
-    if row != len(decisions):
-        raise SourceUnavailableError(f"{uri}: has {row} rows now, {len(decisions)} when it was decoded")
+        except StoreReadError as err:
+            raise SourceUnavailableError(f"{uri}: could not be read again: {err}") from err
+        except (pa.ArrowException, ValueError, OSError) as err:
+            if row != len(decisions):  # not where decoding stopped: another column is damaged
+                raise SourceUnavailableError(f"{uri}: unreadable after {row} of {len(decisions)} decided rows "
+                                             f"when copied: {type(err).__name__}: {err}") from err
+        if row != len(decisions):
+            raise SourceUnavailableError(f"{uri}: has {row} rows now, {len(decisions)} when it was decoded")
 
 
 def _tar_writer(uri: str, options: dict, stack: contextlib.ExitStack) -> tarfile.TarFile:
@@ -240,17 +246,22 @@ def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict
 
 
 def finish_partition(run: RunDirectory, partition: Partition, source, detector_names: list[str],
-                     store_embeddings: bool, dim: int) -> dict:
-    """Ray Task: a partition whose rows are all spooled -> its outputs and manifest record
-    (`write_partition`), then its spool files deleted. Positions must cover 0..n-1 exactly once;
-    anything else leaves the partition unfinished for the next run, never a wrong output."""
+                     store_embeddings: bool, dim: int, expected_rows: int) -> dict:
+    """Ray Task: a partition whose `expected_rows` rows are all spooled -> its outputs and manifest
+    record (`write_partition`), then its spool files deleted. The spooled positions must be exactly
+    0..expected_rows-1 (a lagging listing or a lost file must not pass for a short partition);
+    anything else leaves the partition unfinished for the next run, never a wrong output. A retry
+    of a task that already finished (Ray retries tasks whose worker died) returns its record."""
+    done = run.read_json("_manifest", f"{partition.id}.json")
+    if done is not None:
+        return done["counts"]
     files = storage.list_files(run.path(SPOOL, partition.id, ""), run.options, (".parquet",))
     chunks = [_table_rows(read_parquet_table(file, run.options)) for file in files]
     results = ({key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]} if chunks
                else empty_rows(dim, detector_names))
-    if sorted(results["position"].tolist()) != list(range(len(results["position"]))):
-        return {"unfinished": f"spooled rows of {partition.id} do not cover its items exactly once",
-                "partition": partition.id}
+    if sorted(results["position"].tolist()) != list(range(expected_rows)):
+        return {"unfinished": f"spooled rows of {partition.id} ({len(results['position'])}) do not cover its "
+                              f"{expected_rows} items exactly once", "partition": partition.id}
     outcome = write_partition(run, partition, results, source, detector_names, store_embeddings)
     if "unfinished" not in outcome:
         storage.remove_many(files, run.options)
@@ -305,7 +316,7 @@ def _write_outputs(run: RunDirectory, partition: Partition, results: dict, sourc
     elif not (results["decision"] != FAILED).any():
         pass  # nothing decoded (empty or unreadable file): failed/ records why
     elif partition.format == "parquet":
-        _split_parquet(run, source, partition.inputs[0], results["decision"])
+        _split_parquet(run, source, partition.inputs[0], results["decision"][~results["whole_file"].astype(bool)])
     elif partition.format == "webdataset":
         _split_webdataset(run, source, partition.inputs[0], results)
     _write_table(run, _scores_table(results, detector_names, store_embeddings), "scores", f"{partition.id}.parquet")
