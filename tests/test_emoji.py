@@ -271,3 +271,41 @@ def test_demo_task_labels_follow_group_and_weapon_list(full_catalog):
     assert len(wanted) + len(unwanted) == len(full_catalog)
     wanted, unwanted = task_labels("unwanted", full_catalog)
     assert sorted(unwanted) == sorted(weapon_ids()) and not set(wanted) & set(unwanted)
+
+
+def test_icon_concepts_named_like_an_emoji_fold_into_it_or_leave(full_catalog):
+    from curation.emoji import train
+    from curation.emoji.iconify import IconConcept
+    from curation.emoji.render import display_name
+
+    by_name = {display_name(e).lower(): e for e in full_catalog}
+    trained, untrained = [by_name["pizza"], by_name["red apple"]], [by_name["hamburger"]]
+    icons = [IconConcept("pizza", (("mdi", "pizza"),)), IconConcept("pizza", (("ph", "pizza"),)),
+             IconConcept("hamburger", (("mdi", "hamburger"),)), IconConcept("bell", (("mdi", "bell"),))]
+    folded, rest = train.fold_icon_concepts(icons, trained, untrained)
+    assert {i: [c.sources for c in cs] for i, cs in folded.items()} == {0: [(("mdi", "pizza"),), (("ph", "pizza"),)]}
+    assert [c.name for c in rest] == ["bell"]  # the untrained emoji's name is never drawn
+
+
+def test_training_can_start_from_saved_image_tower_weights(full_catalog, tmp_path, monkeypatch):
+    import torch
+
+    from curation.emoji import model as emoji_model
+    from curation.emoji import train
+
+    monkeypatch.setenv("CURATION_CACHE", str(tmp_path / "cache"))
+    subset = [e for e in full_catalog if e.subgroup in ("fruit-food", "face-smiling")]
+    start, _, _, _ = emoji_model.create_emoji_clip("cpu", TINY_VISION)
+    with torch.no_grad():
+        start.logit_scale.fill_(3.0)
+    init = emoji_model.save_image_tower(start, tmp_path / "start.safetensors")
+    cfg = train.TrainConfig(out=str(tmp_path / "w.safetensors"), steps=1, batch_size=4, workers=0,
+                            warmup_steps=1, lr=0.0, vision_cfg=TINY_VISION, emoji_sets=(), icon_sets=(),
+                            init_from=str(init))
+    sidecar = train.train(cfg, ["test"], emojis=subset)
+    assert sidecar["init_from_sha256"] == emoji_model.file_sha256(init)
+    trained, _ = emoji_model.read_image_tower(tmp_path / "w.safetensors")
+    started, _ = emoji_model.read_image_tower(init)
+    assert float(trained["logit_scale"]) == 3.0  # the scale came from the start weights, not init_scale
+    weights = [k for k in started if "running_" not in k and "num_batches" not in k]  # BatchNorm stats move
+    assert weights and all(torch.equal(trained[k], started[k]) for k in weights)  # lr 0: no weight moved

@@ -3,13 +3,16 @@
     nice -n 10 python -m curation.emoji.train --steps 30000 --precision bf16 --seed 0 \
         --checkpoint-dir ~/emoji-clip-v2-checkpoints --out curation/emoji/weights/emoji-clip-v2.safetensors
 
-Data (v2): half the images are emoji, half icon concepts. Emoji are the trained emoji (today's
-~15% hold-out and a further 5% validation split, both stratified by subgroup, never appear) drawn
-in the classic styles (Noto, Twemoji, Symbola) and the Iconify emoji sets except the held-out style
-(`render.HELD_OUT_STYLE`, never trained on in any emoji). Icon concepts are the ~20k names of the
-Iconify icon sets, merged across sets and weights (`iconify.icon_concepts`). Augmented, 12% pairs.
-Captions are generic: emoji name and CLDR keywords; icon name, aliases and categories; embedded
-once by the locked text tower. `--no-iconify` trains v1's world (classic styles, emoji only).
+Data (v2): three images in four are emoji, the rest icon concepts. Emoji are the trained emoji
+(today's ~15% hold-out and a further 5% validation split, both stratified by subgroup, never
+appear) drawn in the classic styles (Noto, Twemoji, Symbola) and the Iconify emoji sets except the
+held-out style (`render.HELD_OUT_STYLE`, never trained on in any emoji). Icon concepts are the
+~20k names of the Iconify icon sets, merged across sets and weights (`iconify.icon_concepts`); one
+named exactly like a trained emoji draws that emoji, one named like an untrained emoji is left
+out (`fold_icon_concepts`). Augmented, 12% pairs. Captions are generic: emoji name and CLDR
+keywords; icon name, aliases and categories; embedded once by the locked text tower.
+`--no-iconify` trains v1's world (classic styles, emoji only). `--init-from` starts the image
+tower from saved weights (v2 starts from v1's, recorded by hash in the sidecar).
 
 Loss: every image is scored against one prototype per trained concept (its name captions' mean
 embedding, mixed with its keyword captions' mean by `name_caption_p`) and trained with a softmax
@@ -78,7 +81,9 @@ class TrainConfig:
     validation_fraction: float = 0.05  # of the trained emoji: never trained, picks the checkpoint
     emoji_sets: tuple[str, ...] = tuple(s for s in render.ICONIFY_STYLES if s != render.HELD_OUT_STYLE)
     icon_sets: tuple[str, ...] = tuple(iconify.ICON_SETS)
-    emoji_fraction: float = 0.5  # share of images drawn from emoji (the rest: icon concepts)
+    emoji_fraction: float = 0.75  # share of images drawn from emoji (the rest: icon concepts)
+    fold_icons: bool = True  # icon concepts named like an emoji draw that emoji (`fold_icon_concepts`)
+    init_from: str | None = None  # image-tower weights to start from (e.g. v1's); None: random
     workers: int = 1
     threads: int = 2
     precision: str = "fp32"  # or "bf16" (CPU autocast; fast where the CPU has AMX)
@@ -165,6 +170,26 @@ def _icon_glyphs(icons: list, bank: dict) -> tuple[list, list]:
     return glyphs, styles
 
 
+def fold_icon_concepts(icons: list, trained: list, untrained: list) -> tuple[dict[int, list], list]:
+    """Icon concepts named exactly like an emoji: ({trained emoji index: [concepts]}, the rest).
+
+    An icon concept that shares a trained emoji's name is the same concept drawn in another style,
+    so its drawings join that emoji's glyphs instead of competing with it as a near-identical class
+    in the softmax. One that shares the name of an untrained emoji (validation, hold-out) is left
+    out, so those emoji stay concepts that training never drew in any style.
+    """
+    trained_at = {render.display_name(e).lower(): i for i, e in enumerate(trained)}
+    untrained_names = {render.display_name(e).lower() for e in untrained}
+    folded: dict[int, list] = {}
+    rest = []
+    for concept in icons:
+        if concept.name in trained_at:
+            folded.setdefault(trained_at[concept.name], []).append(concept)
+        elif concept.name not in untrained_names:
+            rest.append(concept)
+    return folded, rest
+
+
 def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     """Split the catalogue, render every base glyph once (workers inherit the cache), index captions."""
     every = emojis if emojis is not None else catalog.load_catalog()
@@ -178,7 +203,13 @@ def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     glyphs, glyph_styles = [glyphs[i] for i in keep], [glyph_styles[i] for i in keep]
     icons = iconify.icon_concepts(cfg.icon_sets) if cfg.icon_sets else []
     if icons:
-        bank = iconify.glyph_bank([key for concept in icons for key in concept.sources])
+        folded, icons = fold_icon_concepts(icons, trained, validation + held) if cfg.fold_icons else ({}, icons)
+        bank = iconify.glyph_bank([key for concept in icons + [c for cs in folded.values() for c in cs]
+                                   for key in concept.sources])
+        for i, concepts in folded.items():
+            extra, extra_styles = _icon_glyphs(concepts, bank)
+            glyphs[i] = glyphs[i] + [g for gs in extra for g in gs]
+            glyph_styles[i] = glyph_styles[i] + [s for ss in extra_styles for s in ss]
         icon_glyphs, icon_styles = _icon_glyphs(icons, bank)
         drawn = [i for i, g in enumerate(icon_glyphs) if g]
         icons = [icons[i] for i in drawn]
@@ -498,8 +529,12 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     t0 = time.time()
     bank = cached_caption_bank(model, tokenizer, data.captions)
     log.info("caption bank: %d captions embedded in %.1fs", len(data.captions), time.time() - t0)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(cfg.init_scale))
+    if cfg.init_from:  # its learned logit scale comes with it
+        emoji_model.load_image_tower(model, cfg.init_from)
+        log.info("image tower initialised from %s", cfg.init_from)
+    else:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.init_scale))
     model.train()
     model.text.eval()  # locked: no dropout in the frozen tower (its outputs are precomputed anyway)
     optimizer = _optimizer(model, cfg)
@@ -512,6 +547,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     sidecar = {"command": list(command), "config": asdict(cfg), "data": data.stats(), "train": loop,
                "eval": report, "weights": str(weights), "weights_sha256": emoji_model.file_sha256(weights),
                "weights_bytes": weights.stat().st_size,
+               "init_from_sha256": emoji_model.file_sha256(cfg.init_from) if cfg.init_from else None,
                "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
                "versions": _versions(), "wall_seconds": round(time.time() - started, 1),
                "reproduce": _reproduce_command(command, loop)}
@@ -768,6 +804,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="with --steps: save/resume here; the best checkpoint by validation is kept")
     parser.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every)
+    parser.add_argument("--init-from", default=None,
+                        help="start from these image-tower weights (e.g. emoji-clip v1's) instead of random")
+    parser.add_argument("--emoji-fraction", type=float, default=default.emoji_fraction,
+                        help="share of training images drawn from emoji (the rest: icon concepts)")
+    parser.add_argument("--no-fold-icons", action="store_true",
+                        help="keep icon concepts named like an emoji as concepts of their own")
     parser.add_argument("--no-iconify", action="store_true",
                         help="classic styles and emoji only (emoji-clip v1's world)")
     args = parser.parse_args(argv)
@@ -778,6 +820,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                        workers=args.workers, threads=args.threads, precision=args.precision,
                        sample_captions=args.sample_captions, eval_per_emoji=args.eval_per_emoji,
                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                       init_from=args.init_from, emoji_fraction=args.emoji_fraction,
+                       fold_icons=not args.no_fold_icons,
                        **({"emoji_sets": (), "icon_sets": ()} if args.no_iconify else {}))
 
 
