@@ -129,3 +129,24 @@ class ScoreHistogram:
     @property
     def removal_rate(self) -> float:
         return self.flagged / self.n if self.n else 0.0
+
+
+def score_histograms(thresholds: dict[str, float]) -> dict[str, ScoreHistogram]:
+    """A run's empty histograms, one per detector at its threshold."""
+    return {name: ScoreHistogram(value) for name, value in thresholds.items()}
+
+
+def histogram_payload(scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, dict]:
+    """Worker side of a run's histograms: per detector, the bin counts and exact flagged count of
+    `scores[name]` (the decided items' scores), JSON-ready, for `merge_histogram_payload`."""
+    out = {}
+    for name, threshold in thresholds.items():
+        histogram = ScoreHistogram.of(scores[name], threshold)
+        out[name] = {"counts": histogram.counts.tolist(), "flagged": histogram.flagged}
+    return out
+
+
+def merge_histogram_payload(histograms: dict[str, ScoreHistogram], payload: dict[str, dict]) -> None:
+    """Driver side: add a worker's `histogram_payload` into the run's histograms (in place)."""
+    for name, part in payload.items():
+        histograms[name].merge_counts(part["counts"], part["flagged"])

@@ -19,12 +19,13 @@ import numpy as np
 from curation import registry, secrets, storage, tracking
 from curation.config import RunConfig, to_dict
 from curation.detectors.cache import fitted_detectors, load_artifacts
+from curation.metrics import merge_histogram_payload, score_histograms
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.lease import RunLease, RunLockedError
 from curation.pipeline.plan import Partition, RunDirectory, plan
-from curation.pipeline.stream import (PartitionCounter, StreamProgress, preprocess_of, score_histograms,
-                                      score_image_set, sum_counts, wait_for_writers)
+from curation.pipeline.stream import (PartitionCounter, StreamProgress, preprocess_of, score_image_set, sum_counts,
+                                      wait_for_writers)
 from curation.pipeline.write import finish_partition
 from curation.preflight import check_output_outside_source, check_paths_for_ray_job, start_ray
 from curation.progress import Progress
@@ -95,8 +96,7 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
         # writer once all its rows are spooled
         for pid, counts in ray_data.spooled_stream(partitions, cfg.source, cfg.model, cfg.compute, artifacts,
                                                    values, preprocess_of(cfg), run):
-            for name, bins in counts["histograms"].items():
-                histograms[name].merge_counts(bins, counts["flagged"][name])
+            merge_histogram_payload(histograms, counts["histograms"])
             complete = counter.add_rows(pid, counts["rows"], counts["n_items"])
             if complete:
                 _check_lease(lease)
@@ -246,8 +246,7 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
                 if "unfinished" in outcome:
                     unfinished.append({"partition": pid, "reason": outcome["unfinished"]})
                 else:
-                    for name, bins in outcome.pop("histograms").items():
-                        histograms[name].merge_counts(bins, outcome["fired"][name])
+                    merge_histogram_payload(histograms, outcome.pop("histograms"))
                     counts.append(outcome)
                 progress.update(1, unfinished=len(unfinished))
         this_run = sum_counts(counts, names)

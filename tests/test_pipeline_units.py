@@ -11,7 +11,8 @@ import pytest
 
 from curation import storage
 from curation.config import ConfigError, SourceConfig, apply_override
-from curation.metrics import ScoreHistogram, threshold_for_rate
+from curation.metrics import (ScoreHistogram, histogram_payload, merge_histogram_payload, score_histograms,
+                              threshold_for_rate)
 from curation.pipeline.plan import Partition, RunDirectory
 from curation.pipeline.score import decide
 from curation.pipeline.stream import PartitionCounter
@@ -53,8 +54,8 @@ def test_spooled_rows_come_back_as_one_partition_and_its_outputs(tmp_path):
     out = spool_rows(first, run, {"d": 0.5})
     counts = {pid: json.loads(c) for pid, c in zip(out["partition"], out["counts"])}
     assert counts["a"]["rows"] == 2 and counts["a"]["n_items"] == -1 and counts["b"]["n_items"] == 1
-    assert (counts["a"]["kept"], counts["a"]["removed"], counts["a"]["flagged"]["d"]) == (1, 1, 1)
-    assert sum(counts["a"]["histograms"]["d"]) == 2
+    assert (counts["a"]["kept"], counts["a"]["removed"], counts["a"]["histograms"]["d"]["flagged"]) == (1, 1, 1)
+    assert sum(counts["a"]["histograms"]["d"]["counts"]) == 2
     last = _rows("a", 3, [2], [FAILED])
     last["id"] = np.array([names[2]], dtype=object)
     spool_rows(last, run, {"d": 0.5})
@@ -222,6 +223,20 @@ def test_score_histograms_merge_and_count_the_threshold_exactly():
     assert ScoreHistogram.of([np.nan, 1.0, 0.0], 0.5).n == 2  # NaN (failed) never counted
     with pytest.raises(ValueError, match="do not merge"):
         merged.merge(ScoreHistogram(0.5))
+
+
+def test_worker_histogram_payloads_merge_into_the_whole_runs_histograms():
+    import json
+
+    rng = np.random.default_rng(2)
+    thresholds = {"hftt": 0.4, "neglabel": 0.8}
+    parts = [{n: rng.random(k) for n in thresholds} for k in (0, 7, 300)]  # an all-failed batch too
+    run = score_histograms(thresholds)
+    for part in parts:  # as the workers send them: through JSON
+        merge_histogram_payload(run, json.loads(json.dumps(histogram_payload(part, thresholds))))
+    for name, threshold in thresholds.items():
+        whole = ScoreHistogram.of(np.concatenate([p[name] for p in parts]), threshold)
+        assert np.array_equal(run[name].counts, whole.counts) and run[name].flagged == whole.flagged > 0
 
 
 # -- overrides -----------------------------------------------------------------------------------

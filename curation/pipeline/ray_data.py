@@ -269,7 +269,7 @@ class RescorePartitions:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        from curation.metrics import ScoreHistogram
+        from curation.metrics import histogram_payload
         from curation.pipeline.score import decide
         from curation.pipeline.write import read_partition_results, write_partition
 
@@ -280,8 +280,8 @@ class RescorePartitions:
             ok = results["error_kind"] == ""
             results |= decide(results["embedding"], ok, self.detectors, self.thresholds)
             outcome = write_partition(self.run, partition, results, self.source, self.names, self.store_embeddings)
-            outcome["histograms"] = {n: ScoreHistogram.of(results[f"score_{n}"][ok], t).counts.tolist()
-                                     for n, t in self.thresholds.items()}
+            outcome["histograms"] = histogram_payload({n: results[f"score_{n}"][ok] for n in self.thresholds},
+                                                      self.thresholds)
         except Exception as err:  # noqa: BLE001 - one partition's failure is recorded, the others go on
             outcome = {"unfinished": f"{type(err).__name__}: {err}"[:2000], "partition": partition.id}
         return {"partition": np.array([partition.id], dtype=object), "outcome": np.array([json.dumps(outcome)], dtype=object)}

@@ -14,7 +14,6 @@ import logging
 import numpy as np
 
 from curation.config import RunConfig
-from curation.metrics import ScoreHistogram
 from curation.pipeline import ray_data
 from curation.pipeline.plan import Partition, make_partitions, relative_inputs
 from curation.pipeline.write import FAILED, KEEP, REMOVE
@@ -86,10 +85,6 @@ class PartitionCounter:
         pids, inverse = np.unique(batch["partition"], return_inverse=True)
         return [pid for i, pid in enumerate(pids)
                 if self.add_rows(pid, int((inverse == i).sum()), int(batch["n_items"][inverse == i].max()))]
-
-
-def score_histograms(thresholds: dict[str, float]) -> dict[str, ScoreHistogram]:
-    return {name: ScoreHistogram(value) for name, value in thresholds.items()}
 
 
 class StreamProgress:

@@ -226,7 +226,7 @@ def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict
     (-1 until its last block), kept/removed/failed, and score histograms per detector."""
     import json
 
-    from curation.metrics import ScoreHistogram
+    from curation.metrics import histogram_payload
 
     out = {"partition": [], "counts": []}
     for pid in np.unique(batch["partition"]):
@@ -234,12 +234,10 @@ def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict
         rows = {key: value[mask] for key, value in batch.items()}
         _write_table(run, _rows_table(rows), SPOOL, pid, f"{int(rows['position'].min()):012d}.parquet")
         ok = rows["error_kind"] == ""
-        histograms = {n: ScoreHistogram.of(rows[f"score_{n}"][ok], t) for n, t in thresholds.items()}
         counts = {"rows": int(mask.sum()), "n_items": int(rows["n_items"].max()),
                   "kept": int((rows["decision"] == KEEP).sum()), "removed": int((rows["decision"] == REMOVE).sum()),
                   "failed": int((rows["decision"] == FAILED).sum()),
-                  "histograms": {n: h.counts.tolist() for n, h in histograms.items()},
-                  "flagged": {n: h.flagged for n, h in histograms.items()}}
+                  "histograms": histogram_payload({n: rows[f"score_{n}"][ok] for n in thresholds}, thresholds)}
         out["partition"].append(pid)
         out["counts"].append(json.dumps(counts))
     return {key: np.array(values, dtype=object) for key, values in out.items()}
