@@ -115,10 +115,18 @@ def test_train_data_keeps_the_hold_out_and_validation_out_of_training(full_catal
     assert len(data.glyphs) == len(data.emojis) + len(data.icons) == data.name_idx.shape[0]
     styles = {s for per_concept in data.glyph_styles for s in per_concept}
     assert render.HELD_OUT_STYLE not in styles and {"fluent-emoji-flat", "fa6-solid", "noto"} <= styles
-    batches = train.RenderBatches(data, seed=1, batch_size=64)
+    # icon concepts: a validation share never trained; none named like an untrained emoji
+    icon_names, validation_icons = {c.name for c in data.icons}, {c.name for c in data.validation_icons}
+    assert validation_icons and not icon_names & validation_icons
+    assert len(validation_icons) == len(data.validation_icon_glyphs) and all(data.validation_icon_glyphs)
+    untrained = {render.display_name(e).lower() for e in data.held_out + data.validation}
+    assert not (icon_names | validation_icons) & untrained
+    smaller = train.split_icon_concepts([c for c in data.icons + data.validation_icons if c.name != "bell"], 0.02)
+    assert {c.name for c in smaller[1]} == validation_icons - {"bell"}  # stable by name, not by position
+    batches = train.RenderBatches(data, seed=1, batch_size=64, emoji_fraction=cfg.emoji_fraction)
     _, targets = batches.batch(0)
     emoji_share = targets[:, :len(data.emojis)].sum() / targets.sum()
-    assert 0.3 < emoji_share < 0.7  # emoji_fraction 0.5
+    assert 0.55 < emoji_share < 0.95  # emoji_fraction 0.75
     again = train.RenderBatches(data, seed=1, batch_size=64, start=5, stride=1).batch(5)
     assert np.array_equal(train.RenderBatches(data, seed=1, batch_size=64).batch(5)[0], again[0])
 
@@ -146,6 +154,7 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     assert sidecar["train"]["chosen"]["step"] in (2, 4)
     assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out", "held_out_no_icon_concept"}
     assert render.HELD_OUT_STYLE in sidecar["eval"]["naming"]["trained"]
+    assert 0.0 <= sidecar["eval"]["validation_icon_naming_top1"] <= 1.0  # the icon validation chose
 
     # a run killed right after its step-2 checkpoint, then started again with the same arguments
     split = _tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), out=str(tmp_path / "s" / "t.safetensors"))

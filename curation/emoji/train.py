@@ -37,6 +37,7 @@ per style (the held-out style included) on fresh renders of trained, validation 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -78,7 +79,8 @@ class TrainConfig:
     sample_captions: bool = False  # True: a random caption per emoji per step; False: mean prototypes
     holdout_fraction: float = catalog.HOLDOUT_FRACTION
     holdout_seed: int = 0
-    validation_fraction: float = 0.05  # of the trained emoji: never trained, picks the checkpoint
+    validation_fraction: float = 0.05  # of the trained emoji: never trained
+    icon_validation_fraction: float = 0.02  # of the icon concepts: never trained, picks the checkpoint
     emoji_sets: tuple[str, ...] = tuple(s for s in render.ICONIFY_STYLES if s != render.HELD_OUT_STYLE)
     icon_sets: tuple[str, ...] = tuple(iconify.ICON_SETS)
     emoji_fraction: float = 0.75  # share of images drawn from emoji (the rest: icon concepts)
@@ -120,6 +122,8 @@ class TrainData:
     captions: list  # all caption texts
     name_idx: np.ndarray  # (K, max_names) indices into captions, -1 padded
     keyword_idx: np.ndarray  # (K, max_keywords), -1 padded
+    validation_icons: list = field(default_factory=list)  # IconConcept never trained: picks the checkpoint
+    validation_icon_glyphs: list = field(default_factory=list)  # per validation concept: its glyphs
 
     def stats(self) -> dict:
         per_style: dict[str, int] = {}
@@ -128,6 +132,7 @@ class TrainData:
                 per_style[style] = per_style.get(style, 0) + 1
         return {"trained_emoji": len(self.emojis), "held_out_emoji": len(self.held_out),
                 "validation_emoji": len(self.validation), "icon_concepts": len(self.icons),
+                "validation_icon_concepts": len(self.validation_icons),
                 "concepts_per_style": dict(sorted(per_style.items())),
                 "glyphs": sum(map(len, self.glyphs)), "captions": len(self.captions),
                 "held_out_ids": [e.id for e in self.held_out],
@@ -190,6 +195,14 @@ def fold_icon_concepts(icons: list, trained: list, untrained: list) -> tuple[dic
     return folded, rest
 
 
+def split_icon_concepts(icons: list, fraction: float) -> tuple[list, list]:
+    """(trained, validation) icon concepts: a stable `fraction` chosen by a hash of the name, so
+    the split does not move when a set adds or drops concepts."""
+    cut = round(fraction * 10_000)
+    chosen = {c.name for c in icons if int(hashlib.sha1(c.name.encode()).hexdigest()[:8], 16) % 10_000 < cut}
+    return [c for c in icons if c.name not in chosen], [c for c in icons if c.name in chosen]
+
+
 def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     """Split the catalogue, render every base glyph once (workers inherit the cache), index captions."""
     every = emojis if emojis is not None else catalog.load_catalog()
@@ -202,10 +215,16 @@ def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     trained = [trained[i] for i in keep]
     glyphs, glyph_styles = [glyphs[i] for i in keep], [glyph_styles[i] for i in keep]
     icons = iconify.icon_concepts(cfg.icon_sets) if cfg.icon_sets else []
+    validation_icons, validation_icon_glyphs = [], []
     if icons:
         folded, icons = fold_icon_concepts(icons, trained, validation + held) if cfg.fold_icons else ({}, icons)
-        bank = iconify.glyph_bank([key for concept in icons + [c for cs in folded.values() for c in cs]
+        icons, validation_icons = split_icon_concepts(icons, cfg.icon_validation_fraction)
+        bank = iconify.glyph_bank([key for concept in icons + validation_icons + [c for cs in folded.values() for c in cs]
                                    for key in concept.sources])
+        validation_icon_glyphs, _ = _icon_glyphs(validation_icons, bank)
+        drawn = [i for i, g in enumerate(validation_icon_glyphs) if g]
+        validation_icons = [validation_icons[i] for i in drawn]
+        validation_icon_glyphs = [validation_icon_glyphs[i] for i in drawn]
         for i, concepts in folded.items():
             extra, extra_styles = _icon_glyphs(concepts, bank)
             glyphs[i] = glyphs[i] + [g for gs in extra for g in gs]
@@ -227,7 +246,7 @@ def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
         texts.extend(keyword_texts)
         keywords.append(list(range(start, len(texts))))
     return TrainData(trained, held, validation, icons, glyphs, glyph_styles, texts, _padded(names),
-                     _padded(keywords))
+                     _padded(keywords), validation_icons, validation_icon_glyphs)
 
 
 class RenderBatches:
@@ -556,22 +575,45 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     return sidecar
 
 
+def icon_naming_top1(model, tokenizer, concepts: list, glyphs: list, seed: int) -> float:
+    """Zero-shot naming among `concepts` ("an icon of a <name>"), one fresh render (no pairs) of
+    each, drawn from its glyphs: the share whose own name ranks first."""
+    import torch
+
+    text = encode_captions(model, tokenizer, [render.icon_name_captions(c)[0] for c in concepts])
+    images = []
+    for i, concept_glyphs in enumerate(glyphs):
+        rng = np.random.default_rng([seed, i])
+        images.append(render.compose([concept_glyphs[int(rng.integers(len(concept_glyphs)))]], rng,
+                                     render.IMAGE_SIZE, render.EVAL_AUGMENT))
+    scores = encode_images(model, np.stack(images)) @ text.T
+    own = scores[torch.arange(len(concepts)), torch.arange(len(concepts))]
+    return round(float(((scores > own[:, None]).sum(1) < 1).float().mean()), 4)
+
+
 class Validation:
-    """Naming top-1 on the validation emoji (never trained, not the hold-out) in the trained
-    styles: the number that chooses the checkpoint."""
+    """The number that chooses the checkpoint: naming top-1 on concepts training never drew.
+
+    With icon concepts, the validation icon concepts named among themselves: an image tower started
+    from v1's weights has seen every emoji outside the hold-out, so no emoji can measure transfer
+    to unseen concepts. Without icons (v1's world), the validation emoji in the trained styles."""
 
     def __init__(self, model, tokenizer, candidates: list, data: TrainData, cfg: TrainConfig):
-        self.model, self.emojis, self.cfg = model, data.validation, cfg
+        self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
+        self.emojis = data.validation
         self.styles = render.STYLES + tuple(cfg.emoji_sets)
         self.position = {e.id: i for i, e in enumerate(candidates)}
-        self.text = naming_text(model, tokenizer, candidates) if self.emojis else None
+        self.text = naming_text(model, tokenizer, candidates) if self.emojis and not data.validation_icons else None
 
     def __call__(self) -> float | None:
-        if self.text is None:
+        if self.text is None and not self.data.validation_icons:
             return None
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.data.validation_icons:
+                return icon_naming_top1(self.model, self.tokenizer, self.data.validation_icons,
+                                        self.data.validation_icon_glyphs, self.cfg.eval_seed + 1)
             ranks = np.concatenate([naming_ranks(self.model, self.text, self.position, self.emojis, style,
                                                  self.cfg.eval_seed + 1, 1) for style in self.styles])
         finally:
@@ -779,7 +821,9 @@ def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list,
                                             if render.display_name(e).lower() not in icon_names]}
     styles = render.STYLES + tuple(cfg.emoji_sets) + (render.HELD_OUT_STYLE,)
     naming = naming_eval(loaded, tokenizer, candidates, subsets, cfg.eval_seed, cfg.eval_per_emoji, styles)
-    return {"roundtrip_max_abs_diff": diff, "naming_candidates": len(candidates),
+    icons = (icon_naming_top1(loaded, tokenizer, data.validation_icons, data.validation_icon_glyphs, cfg.eval_seed)
+             if data.validation_icons else None)
+    return {"roundtrip_max_abs_diff": diff, "validation_icon_naming_top1": icons, "naming_candidates": len(candidates),
             "naming_prompt": render.NAME_TEMPLATES[0], "held_out_style": render.HELD_OUT_STYLE,
             "naming": naming}
 
