@@ -103,11 +103,11 @@ class ScoreHistogram:
         return np.linspace(0.0, 1.0, self.bins + 1)
 
     def add(self, scores) -> "ScoreHistogram":
-        scores = np.asarray(scores, dtype=np.float64).ravel()
+        scores = np.asarray(scores).ravel()
         scores = scores[np.isfinite(scores)]
-        self.counts += np.histogram(np.clip(scores, 0.0, 1.0), bins=self.bins, range=(0.0, 1.0))[0]
-        if self.threshold is not None:
+        if self.threshold is not None:  # in the scores' own dtype, as `decide` compares them
             self.flagged += int((scores >= self.threshold).sum())
+        self.counts += np.histogram(np.clip(scores.astype(np.float64), 0.0, 1.0), bins=self.bins, range=(0.0, 1.0))[0]
         return self
 
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":

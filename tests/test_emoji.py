@@ -245,7 +245,7 @@ def test_training_smoke_writes_weights_and_sidecar(full_catalog, tmp_path, monke
     assert sidecar["eval"]["roundtrip_max_abs_diff"] == 0.0
     data = sidecar["data"]
     assert data["trained_emoji"] + data["validation_emoji"] + data["held_out_emoji"] == len(subset)
-    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out", "held_out_no_icon_concept"}
+    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out"}
     assert sidecar["train"]["chosen"] is None  # no checkpoints: the final weights
     assert np.isfinite(sidecar["train"]["loss_last_50"])
 
@@ -273,18 +273,27 @@ def test_demo_task_labels_follow_group_and_weapon_list(full_catalog):
     assert sorted(unwanted) == sorted(weapon_ids()) and not set(wanted) & set(unwanted)
 
 
-def test_icon_concepts_named_like_an_emoji_fold_into_it_or_leave(full_catalog):
+def test_icon_concepts_fold_into_trained_emoji_and_never_mention_untrained_ones(full_catalog):
     from curation.emoji import train
     from curation.emoji.iconify import IconConcept
     from curation.emoji.render import display_name
 
     by_name = {display_name(e).lower(): e for e in full_catalog}
-    trained, untrained = [by_name["pizza"], by_name["red apple"]], [by_name["hamburger"]]
+    trained = [by_name["pizza"], by_name["t-shirt"]]
+    untrained = [by_name["hamburger"], by_name["dagger"], by_name["x-ray"]]
     icons = [IconConcept("pizza", (("mdi", "pizza"),)), IconConcept("pizza", (("ph", "pizza"),)),
-             IconConcept("hamburger", (("mdi", "hamburger"),)), IconConcept("bell", (("mdi", "bell"),))]
+             IconConcept("t shirt", (("mdi", "tshirt"),)),  # "t-shirt", as icon names spell it
+             IconConcept("hamburger", (("mdi", "hamburger"),)),
+             IconConcept("plain dagger", (("game-icons", "plain-dagger"),)),  # mentions "dagger"
+             IconConcept("knife military", (("mdi", "knife-military"),), aliases=("dagger",)),
+             IconConcept("x ray", (("mdi", "x-ray"),)),
+             IconConcept("daggers", (("x", "daggers"),)), IconConcept("bell", (("mdi", "bell"),))]
     folded, rest = train.fold_icon_concepts(icons, trained, untrained)
-    assert {i: [c.sources for c in cs] for i, cs in folded.items()} == {0: [(("mdi", "pizza"),), (("ph", "pizza"),)]}
-    assert [c.name for c in rest] == ["bell"]  # the untrained emoji's name is never drawn
+    assert {i: [c.sources for c in cs] for i, cs in folded.items()} == {
+        0: [(("mdi", "pizza"),), (("ph", "pizza"),)], 1: [(("mdi", "tshirt"),)]}
+    assert [c.name for c in rest] == ["daggers", "bell"]  # whole words only: "daggers" is not "dagger"
+    unfolded, rest = train.fold_icon_concepts(icons, trained, untrained, fold=False)
+    assert not unfolded and [c.name for c in rest] == ["pizza", "pizza", "t shirt", "daggers", "bell"]
 
 
 def test_training_can_start_from_saved_image_tower_weights(full_catalog, tmp_path, monkeypatch):

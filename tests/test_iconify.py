@@ -119,10 +119,16 @@ def test_train_data_keeps_the_hold_out_and_validation_out_of_training(full_catal
     icon_names, validation_icons = {c.name for c in data.icons}, {c.name for c in data.validation_icons}
     assert validation_icons and not icon_names & validation_icons
     assert len(validation_icons) == len(data.validation_icon_glyphs) and all(data.validation_icon_glyphs)
-    untrained = {render.display_name(e).lower() for e in data.held_out + data.validation}
-    assert not (icon_names | validation_icons) & untrained
-    smaller = train.split_icon_concepts([c for c in data.icons + data.validation_icons if c.name != "bell"], 0.02)
-    assert {c.name for c in smaller[1]} == validation_icons - {"bell"}  # stable by name, not by position
+    untrained = {train.phrase(render.display_name(e)) for e in data.held_out + data.validation}
+    assert not any(train.mentions(train.phrase(t), untrained) for c in data.icons + data.validation_icons
+                   for t in (c.name, *c.aliases))
+    gone = data.validation_icons[0].name
+    everything = [c for c in data.icons + data.validation_icons if c.name != gone][::-1]
+    smaller = train.split_icon_concepts(everything, 0.02, data.emojis)
+    assert {c.name for c in smaller[1]} == validation_icons - {gone}  # stable by name, not by position
+    taught = {train.phrase(t) for c in data.icons for t in (c.name, *c.aliases)}
+    taught |= {train.phrase(t) for e in data.emojis for t in (render.display_name(e), *e.keywords)}
+    assert not any({train.phrase(t) for t in (c.name, *c.aliases)} & taught for c in data.validation_icons)
     batches = train.RenderBatches(data, seed=1, batch_size=64, emoji_fraction=cfg.emoji_fraction)
     _, targets = batches.batch(0)
     emoji_share = targets[:, :len(data.emojis)].sum() / targets.sum()
@@ -152,7 +158,7 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     sidecar = train.train(whole, ["test"], emojis=subset)
     assert [h["step"] for h in sidecar["train"]["validation"]] == [2, 4]
     assert sidecar["train"]["chosen"]["step"] in (2, 4)
-    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out", "held_out_no_icon_concept"}
+    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out"}
     assert render.HELD_OUT_STYLE in sidecar["eval"]["naming"]["trained"]
     assert 0.0 <= sidecar["eval"]["validation_icon_naming_top1"] <= 1.0  # the icon validation chose
 

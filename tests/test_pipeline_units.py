@@ -221,6 +221,8 @@ def test_score_histograms_merge_and_count_the_threshold_exactly():
     assert np.array_equal(merged.counts, whole.counts) and merged.n == 500
     assert merged.flagged == int((np.concatenate([a, b]) >= 0.37).sum())
     assert ScoreHistogram.of([np.nan, 1.0, 0.0], 0.5).n == 2  # NaN (failed) never counted
+    tie = np.array([0.977], np.float32)  # a float32 score equal to the threshold: `decide` flags it
+    assert ScoreHistogram.of(tie, 0.977).flagged == int((tie >= 0.977).sum()) == 1
     with pytest.raises(ValueError, match="do not merge"):
         merged.merge(ScoreHistogram(0.5))
 

@@ -9,8 +9,9 @@ Data (v2): three images in four are emoji, the rest icon concepts. Emoji are the
 appear) drawn in the classic styles (Noto, Twemoji, Symbola) and the Iconify emoji sets except the
 held-out style (`render.HELD_OUT_STYLE`, never trained on in any emoji). Icon concepts are the
 ~20k names of the Iconify icon sets, merged across sets and weights (`iconify.icon_concepts`); one
-named exactly like a trained emoji draws that emoji, one named like an untrained emoji is left
-out (`fold_icon_concepts`). Augmented, 12% pairs. Captions are generic: emoji name and CLDR
+named exactly like a trained emoji draws that emoji, one whose name or alias mentions an untrained
+emoji's name is left out (`fold_icon_concepts`); 2% of the rest, never trained, choose the
+checkpoint (`split_icon_concepts`). Augmented, 12% pairs. Captions are generic: emoji name and CLDR
 keywords; icon name, aliases and categories; embedded once by the locked text tower.
 `--no-iconify` trains v1's world (classic styles, emoji only). `--init-from` starts the image
 tower from saved weights (v2 starts from v1's, recorded by hash in the sidecar).
@@ -85,7 +86,7 @@ class TrainConfig:
     emoji_sets: tuple[str, ...] = tuple(s for s in render.ICONIFY_STYLES if s != render.HELD_OUT_STYLE)
     icon_sets: tuple[str, ...] = tuple(iconify.ICON_SETS)
     emoji_fraction: float = 0.75  # share of images drawn from emoji (the rest: icon concepts)
-    fold_icons: bool = True  # icon concepts named like an emoji draw that emoji (`fold_icon_concepts`)
+    fold_icons: bool = True  # icon concepts named like a trained emoji draw it (`fold_icon_concepts`)
     init_from: str | None = None  # image-tower weights to start from (e.g. v1's); None: random
     workers: int = 1
     threads: int = 2
@@ -116,7 +117,7 @@ class TrainData:
 
     emojis: list  # trained emoji (the first len(emojis) concepts)
     held_out: list
-    validation: list  # not trained, not held out: chooses the checkpoint
+    validation: list  # emoji not trained, not held out (chooses the checkpoint only without icons)
     icons: list  # IconConcept, after the emoji
     glyphs: list  # per concept: list of (RGBA image, is_monochrome)
     glyph_styles: list  # per concept: the style (or icon set) of each glyph
@@ -176,32 +177,59 @@ def _icon_glyphs(icons: list, bank: dict) -> tuple[list, list]:
     return glyphs, styles
 
 
-def fold_icon_concepts(icons: list, trained: list, untrained: list) -> tuple[dict[int, list], list]:
-    """Icon concepts named exactly like an emoji: ({trained emoji index: [concepts]}, the rest).
+def phrase(text: str) -> str:
+    """Words as icon names spell them: lower-case ASCII, punctuation as spaces ("X-ray" -> "x ray",
+    "piñata" -> "pinata"), so emoji names, icon names and aliases compare."""
+    return iconify.slug(text).replace("-", " ")
 
-    An icon concept that shares a trained emoji's name is the same concept drawn in another style,
-    so its drawings join that emoji's glyphs instead of competing with it as a near-identical class
-    in the softmax. One that shares the name of an untrained emoji (validation, hold-out) is left
-    out, so those emoji stay concepts that training never drew in any style.
+
+def mentions(text: str, names: set[str]) -> bool:
+    """Whether the phrase `text` contains one of `names` as whole words ("plain dagger" mentions
+    "dagger", "daggers" does not)."""
+    words = text.split()
+    return any(" ".join(words[i:j]) in names for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+
+
+def fold_icon_concepts(icons: list, trained: list, untrained: list, fold: bool = True) -> tuple[dict[int, list], list]:
+    """Icon concepts against the emoji split: ({trained emoji index: [concepts]}, the rest).
+
+    One whose name or an alias mentions an untrained emoji's name (validation, hold-out) is left
+    out: "plain dagger", or "knife military" with its alias "dagger", would draw the held-out
+    dagger, so the hold-out would no longer be a concept training never drew. One named exactly
+    like a trained emoji is the same concept in another style: with `fold`, its drawings join that
+    emoji's glyphs instead of competing with it as a near-identical class in the softmax.
     """
-    trained_at = {render.display_name(e).lower(): i for i, e in enumerate(trained)}
-    untrained_names = {render.display_name(e).lower() for e in untrained}
+    trained_at = {phrase(render.display_name(e)): i for i, e in enumerate(trained)}
+    untrained_names = {phrase(render.display_name(e)) for e in untrained}
     folded: dict[int, list] = {}
     rest = []
     for concept in icons:
-        if concept.name in trained_at:
-            folded.setdefault(trained_at[concept.name], []).append(concept)
-        elif concept.name not in untrained_names:
+        texts = [phrase(concept.name), *map(phrase, concept.aliases)]
+        if any(mentions(text, untrained_names) for text in texts):
+            continue
+        if fold and texts[0] in trained_at:
+            folded.setdefault(trained_at[texts[0]], []).append(concept)
+        else:
             rest.append(concept)
     return folded, rest
 
 
-def split_icon_concepts(icons: list, fraction: float) -> tuple[list, list]:
-    """(trained, validation) icon concepts: a stable `fraction` chosen by a hash of the name, so
-    the split does not move when a set adds or drops concepts."""
+def split_icon_concepts(icons: list, fraction: float, trained_emojis: list = ()) -> tuple[list, list]:
+    """(trained, validation) icon concepts: a `fraction` chosen by a hash of the name (stable when
+    sets add or drop concepts), less those that training would still teach under another entry: a
+    chosen concept whose name or alias is also the name or alias of a trained icon concept, or the
+    name or a CLDR keyword of a trained emoji ("dice", "orange"), stays in training."""
     cut = round(fraction * 10_000)
-    chosen = {c.name for c in icons if int(hashlib.sha1(c.name.encode()).hexdigest()[:8], 16) % 10_000 < cut}
-    return [c for c in icons if c.name not in chosen], [c for c in icons if c.name in chosen]
+
+    def texts(concept) -> set[str]:
+        return {phrase(concept.name), *map(phrase, concept.aliases)}
+
+    chosen = [int(hashlib.sha1(c.name.encode()).hexdigest()[:8], 16) % 10_000 < cut for c in icons]
+    taught = {t for c, pick in zip(icons, chosen) if not pick for t in texts(c)}
+    taught |= {phrase(text) for e in trained_emojis for text in (render.display_name(e), *e.keywords)}
+    validation = [c for c, pick in zip(icons, chosen) if pick and not texts(c) & taught]
+    names = {c.name for c in validation}
+    return [c for c in icons if c.name not in names], validation
 
 
 def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
@@ -218,8 +246,8 @@ def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
     icons = iconify.icon_concepts(cfg.icon_sets) if cfg.icon_sets else []
     validation_icons, validation_icon_glyphs = [], []
     if icons:
-        folded, icons = fold_icon_concepts(icons, trained, validation + held) if cfg.fold_icons else ({}, icons)
-        icons, validation_icons = split_icon_concepts(icons, cfg.icon_validation_fraction)
+        folded, icons = fold_icon_concepts(icons, trained, validation + held, cfg.fold_icons)
+        icons, validation_icons = split_icon_concepts(icons, cfg.icon_validation_fraction, trained)
         bank = iconify.glyph_bank([key for concept in icons + validation_icons + [c for cs in folded.values() for c in cs]
                                    for key in concept.sources])
         validation_icon_glyphs, _ = _icon_glyphs(validation_icons, bank)
@@ -255,7 +283,7 @@ class RenderBatches:
     function of (seed, b), whichever worker renders it."""
 
     def __init__(self, data: TrainData, seed: int, batch_size: int, start: int = 0, stride: int = 1,
-                 aug: render.Augment = render.Augment(), emoji_fraction: float = 0.5):
+                 aug: render.Augment = render.Augment(), emoji_fraction: float = TrainConfig.emoji_fraction):
         self.data, self.seed, self.batch_size = data, seed, batch_size
         self.start, self.stride, self.aug = start, stride, aug
         self.emoji_fraction = emoji_fraction
@@ -549,6 +577,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     t0 = time.time()
     bank = cached_caption_bank(model, tokenizer, data.captions)
     log.info("caption bank: %d captions embedded in %.1fs", len(data.captions), time.time() - t0)
+    init_sha256 = emoji_model.file_sha256(cfg.init_from) if cfg.init_from else None  # before --out may replace it
     if cfg.init_from:  # its learned logit scale comes with it
         emoji_model.load_image_tower(model, cfg.init_from)
         log.info("image tower initialised from %s", cfg.init_from)
@@ -567,7 +596,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     sidecar = {"command": list(command), "config": asdict(cfg), "data": data.stats(), "train": loop,
                "eval": report, "weights": str(weights), "weights_sha256": emoji_model.file_sha256(weights),
                "weights_bytes": weights.stat().st_size,
-               "init_from_sha256": emoji_model.file_sha256(cfg.init_from) if cfg.init_from else None,
+               "init_from_sha256": init_sha256,
                "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
                "versions": _versions(), "wall_seconds": round(time.time() - started, 1),
                "reproduce": _reproduce_command(command, loop)}
@@ -801,8 +830,8 @@ def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list,
     plus the largest output difference to the trained model rounded to fp16 (should be 0).
 
     Styles: the classic three, the trained Iconify sets and the held-out style. Subsets: trained,
-    validation and held-out emoji, and the held-out emoji whose name no icon concept shares (the
-    strictest: neither the emoji nor its name's concept was drawn in training).
+    validation and held-out emoji (no icon concept that mentions a validation or held-out emoji's
+    name is trained, `fold_icon_concepts`), and the validation icon concepts named among themselves.
     """
     import torch
 
@@ -816,10 +845,7 @@ def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list,
     with torch.no_grad():
         x = pixels_to_input(probe, model)
         diff = float((model.encode_image(x) - loaded.encode_image(x)).abs().max())
-    icon_names = {c.name for c in data.icons}
-    subsets = {"trained": data.emojis, "validation": data.validation, "held_out": data.held_out,
-               "held_out_no_icon_concept": [e for e in data.held_out
-                                            if render.display_name(e).lower() not in icon_names]}
+    subsets = {"trained": data.emojis, "validation": data.validation, "held_out": data.held_out}
     styles = render.STYLES + tuple(cfg.emoji_sets) + (render.HELD_OUT_STYLE,)
     naming = naming_eval(loaded, tokenizer, candidates, subsets, cfg.eval_seed, cfg.eval_per_emoji, styles)
     icons = (icon_naming_top1(loaded, tokenizer, data.validation_icons, data.validation_icon_glyphs, cfg.eval_seed)
@@ -854,7 +880,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.add_argument("--emoji-fraction", type=float, default=default.emoji_fraction,
                         help="share of training images drawn from emoji (the rest: icon concepts)")
     parser.add_argument("--no-fold-icons", action="store_true",
-                        help="keep icon concepts named like an emoji as concepts of their own")
+                        help="keep icon concepts named like a trained emoji as concepts of their own (those that "
+                             "mention an untrained emoji are left out either way)")
     parser.add_argument("--no-iconify", action="store_true",
                         help="classic styles and emoji only (emoji-clip v1's world)")
     args = parser.parse_args(argv)
