@@ -177,6 +177,13 @@ def _icon_glyphs(icons: list, bank: dict) -> tuple[list, list]:
     return glyphs, styles
 
 
+def _drawn_icons(icons: list, bank: dict) -> tuple[list, list, list]:
+    """`_icon_glyphs` of the concepts that have at least one drawing: (concepts, glyphs, styles)."""
+    glyphs, styles = _icon_glyphs(icons, bank)
+    drawn = [i for i, g in enumerate(glyphs) if g]
+    return [icons[i] for i in drawn], [glyphs[i] for i in drawn], [styles[i] for i in drawn]
+
+
 def phrase(text: str) -> str:
     """Words as icon names spell them: lower-case ASCII, punctuation as spaces ("X-ray" -> "x ray",
     "piñata" -> "pinata"), so emoji names, icon names and aliases compare."""
@@ -250,19 +257,14 @@ def prepare_data(cfg: TrainConfig, emojis: list | None = None) -> TrainData:
         icons, validation_icons = split_icon_concepts(icons, cfg.icon_validation_fraction, trained)
         bank = iconify.glyph_bank([key for concept in icons + validation_icons + [c for cs in folded.values() for c in cs]
                                    for key in concept.sources])
-        validation_icon_glyphs, _ = _icon_glyphs(validation_icons, bank)
-        drawn = [i for i, g in enumerate(validation_icon_glyphs) if g]
-        validation_icons = [validation_icons[i] for i in drawn]
-        validation_icon_glyphs = [validation_icon_glyphs[i] for i in drawn]
+        validation_icons, validation_icon_glyphs, _ = _drawn_icons(validation_icons, bank)
         for i, concepts in folded.items():
             extra, extra_styles = _icon_glyphs(concepts, bank)
             glyphs[i] = glyphs[i] + [g for gs in extra for g in gs]
             glyph_styles[i] = glyph_styles[i] + [s for ss in extra_styles for s in ss]
-        icon_glyphs, icon_styles = _icon_glyphs(icons, bank)
-        drawn = [i for i, g in enumerate(icon_glyphs) if g]
-        icons = [icons[i] for i in drawn]
-        glyphs += [icon_glyphs[i] for i in drawn]
-        glyph_styles += [icon_styles[i] for i in drawn]
+        icons, icon_glyphs, icon_styles = _drawn_icons(icons, bank)
+        glyphs += icon_glyphs
+        glyph_styles += icon_styles
     texts: list[str] = []
     names, keywords = [], []
     for name_texts, keyword_texts in ([(render.name_captions(e), render.keyword_captions(e)) for e in trained]
@@ -507,9 +509,14 @@ def naming_ranks(model, text: "torch.Tensor", position: dict, emojis: list, styl
     images, ids = _fresh_renders(emojis, style, seed, per_emoji)
     if not ids:
         return np.zeros(0, np.int64)
-    scores = encode_images(model, images) @ text.T
-    truth = torch.tensor([position[i] for i in ids])
-    return (scores > scores[torch.arange(len(ids)), truth][:, None]).sum(1).numpy()
+    return true_ranks(encode_images(model, images) @ text.T, torch.tensor([position[i] for i in ids]))
+
+
+def true_ranks(scores: "torch.Tensor", truth: "torch.Tensor") -> np.ndarray:
+    """Per row of `scores` (n, candidates): how many candidates score strictly above `truth[row]`."""
+    import torch
+
+    return (scores > scores[torch.arange(len(truth)), truth][:, None]).sum(1).numpy()
 
 
 def naming_eval(model, tokenizer, candidates: list, subsets: dict[str, list], seed: int,
@@ -616,9 +623,7 @@ def icon_naming_top1(model, tokenizer, concepts: list, glyphs: list, seed: int) 
         rng = np.random.default_rng([seed, i])
         images.append(render.compose([concept_glyphs[int(rng.integers(len(concept_glyphs)))]], rng,
                                      render.IMAGE_SIZE, render.EVAL_AUGMENT))
-    scores = encode_images(model, np.stack(images)) @ text.T
-    own = scores[torch.arange(len(concepts)), torch.arange(len(concepts))]
-    return round(float(((scores > own[:, None]).sum(1) < 1).float().mean()), 4)
+    return _topk(true_ranks(encode_images(model, np.stack(images)) @ text.T, torch.arange(len(concepts))))["top1"]
 
 
 class Validation:

@@ -269,9 +269,8 @@ class RescorePartitions:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        from curation.metrics import histogram_payload
         from curation.pipeline.score import decide
-        from curation.pipeline.write import read_partition_results, write_partition
+        from curation.pipeline.write import read_partition_results, score_histograms_of, write_partition
 
         (descriptor,) = batch["partition"]
         partition = Partition.from_json(descriptor)
@@ -280,8 +279,7 @@ class RescorePartitions:
             ok = results["error_kind"] == ""
             results |= decide(results["embedding"], ok, self.detectors, self.thresholds)
             outcome = write_partition(self.run, partition, results, self.source, self.names, self.store_embeddings)
-            outcome["histograms"] = histogram_payload({n: results[f"score_{n}"][ok] for n in self.thresholds},
-                                                      self.thresholds)
+            outcome["histograms"] = score_histograms_of(results, self.thresholds)
         except Exception as err:  # noqa: BLE001 - one partition's failure is recorded, the others go on
             outcome = {"unfinished": f"{type(err).__name__}: {err}"[:2000], "partition": partition.id}
         return {"partition": np.array([partition.id], dtype=object), "outcome": np.array([json.dumps(outcome)], dtype=object)}

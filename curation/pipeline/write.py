@@ -220,24 +220,29 @@ def empty_rows(dim: int, detector_names: list[str]) -> dict[str, np.ndarray]:
     return rows | {f"score_{n}": np.zeros(0, np.float32) for n in detector_names}
 
 
+def score_histograms_of(results: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, dict]:
+    """`metrics.histogram_payload` of the decided rows (no error) of a results table."""
+    from curation.metrics import histogram_payload
+
+    ok = results["error_kind"] == ""
+    return histogram_payload({n: results[f"score_{n}"][ok] for n in thresholds}, thresholds)
+
+
 def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
     """Ray Data writing stage: each partition's rows of `batch` to `_spool/<partition>/<first
     position>.parquet`; out goes one row per partition with its counts (JSON): rows, `n_items`
     (-1 until its last block), kept/removed/failed, and score histograms per detector."""
     import json
 
-    from curation.metrics import histogram_payload
-
     out = {"partition": [], "counts": []}
     for pid in np.unique(batch["partition"]):
         mask = batch["partition"] == pid
         rows = {key: value[mask] for key, value in batch.items()}
         _write_table(run, _rows_table(rows), SPOOL, pid, f"{int(rows['position'].min()):012d}.parquet")
-        ok = rows["error_kind"] == ""
         counts = {"rows": int(mask.sum()), "n_items": int(rows["n_items"].max()),
                   "kept": int((rows["decision"] == KEEP).sum()), "removed": int((rows["decision"] == REMOVE).sum()),
                   "failed": int((rows["decision"] == FAILED).sum()),
-                  "histograms": histogram_payload({n: rows[f"score_{n}"][ok] for n in thresholds}, thresholds)}
+                  "histograms": score_histograms_of(rows, thresholds)}
         out["partition"].append(pid)
         out["counts"].append(json.dumps(counts))
     return {key: np.array(values, dtype=object) for key, values in out.items()}
