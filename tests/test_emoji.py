@@ -249,6 +249,16 @@ def test_training_smoke_writes_weights_and_sidecar(full_catalog, tmp_path, monke
     assert sidecar["train"]["chosen"] is None  # no checkpoints: the final weights
     assert np.isfinite(sidecar["train"]["loss_last_50"])
 
+    # any weights file is measured the way training measured its own (the README's naming table)
+    from curation.emoji import naming
+
+    measured = naming.measure([out], cfg, subset)["tiny"]
+    assert measured["naming"] == sidecar["eval"]["naming"]
+    assert measured["weights_sha256"] == sidecar["weights_sha256"]
+    trained = measured["naming"]["trained"]
+    assert trained["classic"]["n"] == sum(trained[style]["n"] for style in render.STYLES)
+    assert trained["all"]["n"] == trained["classic"]["n"] + trained[render.HELD_OUT_STYLE]["n"]
+
 
 def test_render_batches_are_a_function_of_seed_and_index(full_catalog):
     from curation.emoji import train

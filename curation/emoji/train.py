@@ -520,20 +520,25 @@ def true_ranks(scores: "torch.Tensor", truth: "torch.Tensor") -> np.ndarray:
 
 
 def naming_eval(model, tokenizer, candidates: list, subsets: dict[str, list], seed: int,
-                per_emoji: int = 1, styles: Sequence[str] = render.STYLES) -> dict:
+                per_emoji: int = 1, styles: Sequence[str] = render.STYLES,
+                style_groups: dict[str, Sequence[str]] | None = None) -> dict:
     """Zero-shot naming: rank "an emoji of a <name>" for every candidate emoji against fresh renders
-    (no pairs) of each subset, per style and overall. Returns {subset: {style: {top1, top5, n}}}."""
+    (no pairs) of each subset, per style, per group of styles (`style_groups`, pooled over renders)
+    and overall. Returns {subset: {style or group: {top1, top5, n}}}."""
     text = naming_text(model, tokenizer, candidates)
     position = {e.id: i for i, e in enumerate(candidates)}
     results = {}
     for subset, emojis in subsets.items():
-        results[subset], ranks_all = {}, []
+        results[subset], by_style = {}, {}
         for style in styles:
             ranks = naming_ranks(model, text, position, emojis, style, seed, per_emoji)
             if len(ranks):
-                ranks_all.append(ranks)
+                by_style[style] = ranks
                 results[subset][style] = _topk(ranks)
-        results[subset]["all"] = _topk(np.concatenate(ranks_all)) if ranks_all else {}
+        for group, members in (style_groups or {}).items():
+            pooled = [by_style[s] for s in members if s in by_style]
+            results[subset][group] = _topk(np.concatenate(pooled)) if pooled else {}
+        results[subset]["all"] = _topk(np.concatenate(list(by_style.values()))) if by_style else {}
     return results
 
 
@@ -830,14 +835,30 @@ def _save(model, cfg: TrainConfig, loop: dict, command: Sequence[str]) -> Path:
     return save_image_tower(model, cfg.out, meta)
 
 
-def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list, cfg: TrainConfig) -> dict:
-    """Naming metrics measured on the saved (fp16) weights loaded back like any user loads them,
-    plus the largest output difference to the trained model rounded to fp16 (should be 0).
+def naming_report(model, tokenizer, data: TrainData, candidates: list, cfg: TrainConfig) -> dict:
+    """Zero-shot naming of `model` as the sidecar records it and the README reports it.
 
-    Styles: the classic three, the trained Iconify sets and the held-out style. Subsets: trained,
-    validation and held-out emoji (no icon concept that mentions a validation or held-out emoji's
-    name is trained, `fold_icon_concepts`), and the validation icon concepts named among themselves.
+    Styles: the classic three, the trained Iconify sets and the held-out style, each alone and
+    pooled as "classic" and "trained_styles". Subsets: trained, validation and held-out emoji (no
+    icon concept that mentions a validation or held-out emoji's name is trained,
+    `fold_icon_concepts`), and the validation icon concepts named among themselves. The same
+    fresh renders (`cfg.eval_seed`) for any weights, so two models compare on equal terms.
     """
+    subsets = {"trained": data.emojis, "validation": data.validation, "held_out": data.held_out}
+    trained_styles = render.STYLES + tuple(cfg.emoji_sets)
+    groups = {"classic": render.STYLES, "trained_styles": trained_styles}
+    naming = naming_eval(model, tokenizer, candidates, subsets, cfg.eval_seed, cfg.eval_per_emoji,
+                         trained_styles + (render.HELD_OUT_STYLE,), groups)
+    icons = (icon_naming_top1(model, tokenizer, data.validation_icons, data.validation_icon_glyphs, cfg.eval_seed)
+             if data.validation_icons else None)
+    return {"validation_icon_naming_top1": icons, "validation_icon_concepts": len(data.validation_icons),
+            "naming_candidates": len(candidates), "naming_prompt": render.NAME_TEMPLATES[0],
+            "held_out_style": render.HELD_OUT_STYLE, "naming": naming}
+
+
+def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list, cfg: TrainConfig) -> dict:
+    """`naming_report` measured on the saved (fp16) weights loaded back like any user loads them,
+    plus the largest output difference to the trained model rounded to fp16 (should be 0)."""
     import torch
 
     from curation.emoji.model import build_emoji_clip, pixels_to_input, trained_state
@@ -850,14 +871,7 @@ def _evaluate_and_check(model, weights: Path, data: TrainData, candidates: list,
     with torch.no_grad():
         x = pixels_to_input(probe, model)
         diff = float((model.encode_image(x) - loaded.encode_image(x)).abs().max())
-    subsets = {"trained": data.emojis, "validation": data.validation, "held_out": data.held_out}
-    styles = render.STYLES + tuple(cfg.emoji_sets) + (render.HELD_OUT_STYLE,)
-    naming = naming_eval(loaded, tokenizer, candidates, subsets, cfg.eval_seed, cfg.eval_per_emoji, styles)
-    icons = (icon_naming_top1(loaded, tokenizer, data.validation_icons, data.validation_icon_glyphs, cfg.eval_seed)
-             if data.validation_icons else None)
-    return {"roundtrip_max_abs_diff": diff, "validation_icon_naming_top1": icons, "naming_candidates": len(candidates),
-            "naming_prompt": render.NAME_TEMPLATES[0], "held_out_style": render.HELD_OUT_STYLE,
-            "naming": naming}
+    return {"roundtrip_max_abs_diff": diff, **naming_report(loaded, tokenizer, data, candidates, cfg)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
