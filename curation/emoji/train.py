@@ -1,6 +1,6 @@
 """Train emoji-clip's image tower against frozen MiniLM caption embeddings.
 
-    nice -n 10 python -m curation.emoji.train --steps 8000 --lr 0.001 --precision bf16 --seed 0 \
+    nice -n 10 python -m curation.emoji.train --steps 12000 --lr 0.001 --precision bf16 --seed 0 \
         --init-from curation/emoji/weights/emoji-clip-v1.safetensors \
         --checkpoint-dir ~/emoji-clip-v2-checkpoints --out curation/emoji/weights/emoji-clip-v2.safetensors
 
