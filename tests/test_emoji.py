@@ -252,12 +252,40 @@ def test_training_smoke_writes_weights_and_sidecar(full_catalog, tmp_path, monke
     # any weights file is measured the way training measured its own (the README's naming table)
     from curation.emoji import naming
 
-    measured = naming.measure([out], cfg, subset)["tiny"]
+    measured = naming.measure([out], cfg, subset)[str(out)]
     assert measured["naming"] == sidecar["eval"]["naming"]
     assert measured["weights_sha256"] == sidecar["weights_sha256"]
     trained = measured["naming"]["trained"]
     assert trained["classic"]["n"] == sum(trained[style]["n"] for style in render.STYLES)
     assert trained["all"]["n"] == trained["classic"]["n"] + trained[render.HELD_OUT_STYLE]["n"]
+
+
+def test_naming_pools_style_groups_over_renders(monkeypatch):
+    from types import SimpleNamespace
+
+    from curation.emoji import train
+
+    ranks = {"a": np.array([0, 3, 0]), "b": np.array([7]), "c": np.array([0, 0]), "d": np.zeros(0, np.int64)}
+    monkeypatch.setattr(train, "naming_text", lambda *args: None)
+    monkeypatch.setattr(train, "naming_ranks", lambda model, text, position, emojis, style, *args:
+                        ranks[style] if emojis else np.zeros(0, np.int64))
+    result = train.naming_eval(None, None, [], {"some": ["x"], "none": []}, seed=0, styles=("a", "b", "c", "d"),
+                               style_groups={"ab": ("a", "b"), "cd": ("c", "d")})
+    some = result["some"]
+    assert some["ab"] == {"top1": 0.5, "top5": 0.75, "n": 4}  # pooled over renders, not averaged over styles
+    assert some["cd"] == {"top1": 1.0, "top5": 1.0, "n": 2}  # a style without renders adds nothing
+    assert some["all"] == {"top1": round(4 / 6, 4), "top5": round(5 / 6, 4), "n": 6} and "d" not in some
+    assert result["none"] == {"ab": {}, "cd": {}, "all": {}}
+
+    # the report's groups: "trained_styles" holds every trained style and never the held-out one
+    captured = {}
+    monkeypatch.setattr(train, "naming_eval", lambda *args: captured.update(styles=args[6], groups=args[7]) or {})
+    data = SimpleNamespace(emojis=[], validation=[], held_out=[], validation_icons=[])
+    train.naming_report(None, None, data, [], train.TrainConfig())
+    groups = captured["groups"]
+    assert render.HELD_OUT_STYLE in captured["styles"] and render.HELD_OUT_STYLE not in groups["trained_styles"]
+    assert set(groups["classic"]) == set(render.STYLES) < set(groups["trained_styles"])
+    assert set(groups["trained_styles"]) == set(captured["styles"]) - {render.HELD_OUT_STYLE}
 
 
 def test_render_batches_are_a_function_of_seed_and_index(full_catalog):
