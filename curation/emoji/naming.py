@@ -23,8 +23,6 @@ def measure(weights: Sequence[str | Path], cfg=None, emojis: list | None = None)
     """{weights path as given: sha256 and `train.naming_report`} for each weights file, all on one
     prepared split (`prepare_data(cfg, emojis)`; `cfg` defaults to today's TrainConfig). Keyed by
     path, not file name: two candidate runs usually share the name emoji-clip-v2.safetensors."""
-    import torch
-
     from curation.emoji import catalog, train
     from curation.emoji.model import build_emoji_clip
     from curation.storage import file_sha256
@@ -34,11 +32,9 @@ def measure(weights: Sequence[str | Path], cfg=None, emojis: list | None = None)
     candidates = emojis if emojis is not None else catalog.load_catalog()
     results = {}
     for path in map(str, weights):
-        model, _, tokenizer = build_emoji_clip("cpu", path)
-        model.eval()
-        with torch.no_grad():
-            results[path] = {"weights_sha256": file_sha256(path),
-                             **train.naming_report(model, tokenizer, data, candidates, cfg)}
+        model, _, tokenizer = build_emoji_clip("cpu", path)  # frozen, in eval mode
+        results[path] = {"weights_sha256": file_sha256(path),
+                         **train.naming_report(model, tokenizer, data, candidates, cfg)}
     return results
 
 
