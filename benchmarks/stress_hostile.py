@@ -141,8 +141,8 @@ def stress(fmt: str, spec: dict, work: Path) -> dict:
     loser, winner = (first, second) if first.poll() is not None else (second, first)
     loser_output = loser.communicate()[0]
     loser_seconds = time.perf_counter() - tick
-    watch([winner], lambda: winner.poll() is not None or (manifest.exists() and len(list(manifest.iterdir())) >= 8), rss)
-    killed_after = len(list(manifest.iterdir())) if manifest.exists() else 0
+    watch([winner], lambda: winner.poll() is not None or (manifest.exists() and len(list(manifest.glob("*/*.json"))) >= 8), rss)
+    killed_after = len(list(manifest.glob("*/*.json"))) if manifest.exists() else 0
     was_running = winner.poll() is None
     os.killpg(winner.pid, signal.SIGKILL)
     winner.wait()

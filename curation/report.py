@@ -394,8 +394,7 @@ def _read_container(items: list[dict], source: SourceConfig, manifest: dict) -> 
     record = manifest.get(items[0]["partition"])
     if record is None:
         return {thumb_name(i): "the run's manifest has no record of this partition" for i in items}
-    partition = Partition(record["partition"]["id"], record["partition"]["format"],
-                          tuple(record["partition"]["inputs"]))
+    partition = Partition.from_dict(record["partition"])
     wanted = {item["position"]: item for item in items}
     found = {thumb_name(i): "not in the source any more" for i in items}
     for position, raw in enumerate(iter_raw_items(partition, source)):

@@ -174,42 +174,45 @@ def list_files(uri: str, storage_options: dict | None = None,
     return sorted(_as_uri(uri, f) for f in files)
 
 
-def _local_entries(root: str):
-    """(path, kind) for every entry below `root`, never following links: a symlink to /dev/zero
-    or to a folder above (a loop) must not be read or walked. kind: file, link or special."""
+def list_dir(uri: str, storage_options: dict | None = None) -> tuple[list[str], list[str], dict[str, int]]:
+    """One level of a folder: file names, subfolder names (both relative to `uri`, sorted) and
+    what was passed over, counted by reason: `link` and `special_file` (FIFOs, devices, sockets;
+    local only). Links are never followed: a symlink to /dev/zero or to a folder above (a loop)
+    must not be read or walked. A missing folder lists as empty.
+
+    S3 has no folders: a subfolder is a common key prefix, so keys such as `a//b.jpg` or
+    `a/./b.jpg` show up as subfolders named "" or "."; they are returned as they are, for the
+    caller to refuse (walking them would list `a/` again)."""
     import stat
-
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
-            path = os.path.join(folder, name)
-            mode = os.lstat(path).st_mode
-            yield path, "file" if stat.S_ISREG(mode) else "link" if stat.S_ISLNK(mode) else "special_file"
-
-
-def scan_files(uri: str, storage_options: dict | None = None,
-               extensions: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:
-    """Input files under `uri` (recursive, sorted URIs) whose lowercase suffix is in `extensions`,
-    and what was passed over, counted by reason: `link`, `special_file` (FIFOs, devices, sockets:
-    local only) and `extension <ext>` for files of other types. Nothing is dropped uncounted."""
     from collections import Counter
 
-    wanted = tuple(ext.lower() for ext in extensions)
-    skipped: Counter = Counter()
+    files, folders, skipped = [], [], Counter()
     if is_local(uri):
         path = _local_path(uri)
-        entries = list(_local_entries(path)) if os.path.isdir(path) else []
+        if not os.path.isdir(path) or os.path.islink(path):
+            return [], [], {}
+        with os.scandir(path) as entries:
+            for entry in entries:
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    skipped["link"] += 1
+                elif stat.S_ISDIR(mode):
+                    folders.append(entry.name)
+                elif stat.S_ISREG(mode):
+                    files.append(entry.name)
+                else:
+                    skipped["special_file"] += 1
     else:
         fs, path = filesystem(uri, storage_options)
-        entries = [(_as_uri(uri, f), "file") for f in fs.find(path, withdirs=False)]
-    files = []
-    for file, kind in entries:
-        if kind != "file":
-            skipped[kind] += 1
-        elif not file.lower().endswith(wanted):
-            skipped[f"extension {os.path.splitext(file)[1].lower() or '(none)'}"] += 1
-        else:
-            files.append(file)
-    return sorted(files), dict(skipped)
+        prefix = path.rstrip("/") + "/"
+        try:
+            entries = fs.ls(prefix, detail=True, refresh=True)
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            name = entry["name"][len(prefix):] if entry["name"].startswith(prefix) else entry["name"].rsplit("/", 1)[-1]
+            (folders if entry["type"] == "directory" else files).append(name)
+    return sorted(files), sorted(folders), dict(skipped)
 
 
 def open_for_read(uri: str, storage_options: dict | None = None) -> tuple[BinaryIO, int]:

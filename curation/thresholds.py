@@ -9,7 +9,7 @@ import numpy as np
 
 from curation.config import DetectorConfig, RunConfig, ThresholdConfig
 from curation.metrics import threshold_for_rate
-from curation.pipeline.plan import Partition, RunDirectory, make_partitions
+from curation.pipeline.plan import Partition, PlannedPartition, RunDirectory, make_partitions
 from curation.pipeline.stream import score_image_set, score_partitions
 
 
@@ -41,16 +41,23 @@ def check_calibration_sample(cfg: RunConfig, det: DetectorConfig, found: int, fa
             f"detectors[{i}].threshold.min_sample, or use a fixed threshold (threshold.strategy: fixed).")
 
 
-def calibration_partitions(cfg: RunConfig, partitions: list[Partition], sample_size: int) -> list[Partition]:
-    """A deterministic spread-out sample: image files every k-th, else the first files."""
-    if cfg.source.format == "images":
-        names = [name for p in partitions for name in p.inputs]
-        step = max(1, len(names) // sample_size)
-        return make_partitions(names[::step][:sample_size], "images", cfg.source.partition_size)
-    return partitions[: max(1, min(len(partitions), 4))]
+def calibration_partitions(cfg: RunConfig, run: RunDirectory, partitions: list[PlannedPartition],
+                           sample_size: int) -> list[Partition]:
+    """A deterministic spread-out sample: every k-th image file of the plan (only the plan files
+    that hold a sampled name are read), else the first 4 files."""
+    if cfg.source.format != "images":
+        return run.load_many(partitions[:4])
+    sizes = np.array([p.size for p in partitions], dtype=np.int64)
+    step = max(1, int(sizes.sum()) // sample_size)
+    sampled = np.arange(0, int(sizes.sum()), step)[:sample_size]
+    owners = np.searchsorted(np.cumsum(sizes), sampled, side="right")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    loaded = dict(zip(np.unique(owners).tolist(), run.load_many([partitions[i] for i in np.unique(owners)])))
+    names = [loaded[owner].inputs[position - starts[owner]] for owner, position in zip(owners.tolist(), sampled)]
+    return make_partitions(names, "images", cfg.source.partition_size)
 
 
-def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Partition], artifacts) -> dict:
+def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[PlannedPartition], artifacts) -> dict:
     """Threshold per detector, with how it was chosen. Data-derived thresholds are stored in the
     run directory and reused, so incremental runs decide with the same thresholds."""
     stored = run.read_json("_thresholds.json") or {}
@@ -65,7 +72,7 @@ def resolve_thresholds(cfg: RunConfig, run: RunDirectory, partitions: list[Parti
             pending.append(det)
     if any(d.threshold.strategy == "quantile" for d in pending):
         sample_size = max(d.threshold.sample_size for d in pending)
-        scores = score_partitions(cfg, calibration_partitions(cfg, partitions, sample_size), artifacts,
+        scores = score_partitions(cfg, calibration_partitions(cfg, run, partitions, sample_size), artifacts,
                                   what="scoring a sample for quantile thresholds")
         for det in (d for d in pending if d.threshold.strategy == "quantile"):
             sample = scores[f"score_{det.label}"]

@@ -23,9 +23,8 @@ from curation.metrics import merge_histogram_payload, score_histograms
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.lease import RunLease, RunLockedError
-from curation.pipeline.plan import Partition, RunDirectory, plan
-from curation.pipeline.stream import (PartitionCounter, StreamProgress, preprocess_of, score_image_set, sum_counts,
-                                      wait_for_writers)
+from curation.pipeline.plan import RunDirectory, plan, sum_counts
+from curation.pipeline.stream import PartitionCounter, StreamProgress, preprocess_of, score_image_set, wait_for_writers
 from curation.pipeline.write import finish_partition
 from curation.preflight import check_output_outside_source, check_paths_for_ray_job, start_ray
 from curation.progress import Progress
@@ -64,16 +63,19 @@ def curate(cfg: RunConfig) -> dict:
 
 def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: float) -> dict:
     timings = {}
-    finished = run.manifest()
-    partitions, skipped = plan(cfg.source.uri, cfg.source.storage_options, cfg.source.format,
-                               cfg.source.partition_size, finished)
-    if not partitions and not finished:
+    # under the lease, before any worker of this run starts: planning deletes leftovers of
+    # killed runs and compacts the manifest
+    run.check_owner(cfg.decision_hash())
+    run.remove_stale_work()
+    run.migrate_flat_manifest()
+    work = plan(run, cfg.source.uri, cfg.source.storage_options, cfg.source.format, cfg.source.partition_size)
+    partitions, skipped = work.partitions, work.skipped
+    if not partitions and not work.finished:
         raise NoInputsError(f"source.uri {secrets.redact_text(cfg.source.uri)!r} holds no {cfg.source.format} inputs "
                             f"(skipped: {skipped or 'nothing'}); check source.uri and source.format")
     run.claim(cfg.decision_hash(), _loggable(cfg))
-    run.remove_unfinished_outputs(finished)
-    run.compact_manifest(finished)  # under the lease, before any writer of this run starts
-    log.info("%d partitions to do, %d already finished", len(partitions), len(finished))
+    run.remove_unvouched_tables(work.finished)
+    log.info("%d partitions to do, %d already finished", len(partitions), len(work.finished))
     if skipped:
         log.warning("source entries skipped (not inputs of format %r): %s", cfg.source.format, skipped)
 
@@ -112,7 +114,7 @@ def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: 
 
     this_run = sum_counts(counts, names)
     # under the lease no other run records partitions: the manifest read at start plus this run's
-    total = sum_counts([record["counts"] for record in finished.values()] + counts, names)
+    total = sum_counts([work.finished_counts] + counts, names)
     summary = {
         "run_name": cfg.run_name, "run_dir": run.uri, "decision_hash": cfg.decision_hash(),
         "model": model_identity(cfg.model), "thresholds": thresholds, "detectors_reused": reused,
@@ -230,9 +232,9 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     start_ray(cfg)
     artifacts, _ = fitted_detectors(cfg)
     names = [d.label for d in cfg.detectors]
-    partitions = [Partition(pid, r["partition"]["format"], tuple(r["partition"]["inputs"]))
-                  for pid, r in sorted(previous.manifest().items())]
-    thresholds = rescore_thresholds(cfg, load_artifacts(artifacts), previous, [p.id for p in partitions], artifacts)
+    partitions = [(key, pid) for key in previous.unit_keys() for pid in sorted(previous.unit_records(key))]
+    thresholds = rescore_thresholds(cfg, load_artifacts(artifacts), previous, [pid for _, pid in partitions],
+                                    artifacts)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)
     registry.check_run_dir(run, cfg)
     values = {n: t["threshold"] for n, t in thresholds.items()}

@@ -99,6 +99,35 @@ def test_rerun_skips_finished_and_processes_only_new_files(make_config, tmp_path
     assert_partitioned_exactly_once(source, tmp_path / "out" / "test")
 
 
+def test_nested_folders_are_planned_one_folder_at_a_time_and_every_total_stays_exact(make_config, tmp_path):
+    """Each folder is planned by its own Ray Task: a partition never spans folders, files added to
+    a folder are the only new work, the driver's plan holds no image names, and the records of a
+    folder that has left the source still count in the totals."""
+    source = tmp_path / "images"
+    write_rgb_images(source, 2, seed=1)
+    write_rgb_images(source / "x", 3, seed=2)
+    write_rgb_images(source / "x" / "deep", 5, seed=3)
+    cfg = make_config(str(source), detectors=("mcm",))
+    first = workflow.curate(cfg)
+    assert (first["this_run"]["items"], first["this_run"]["partitions"]) == (10, 3)  # one per folder
+    run_dir = tmp_path / "out" / "test"
+    records = [json.loads(p.read_text()) for p in (run_dir / "_manifest").glob("*/*.json")]
+    assert sorted(r["partition"]["unit"] for r in records) == ["", "x", "x/deep"]
+    assert all({str(Path(name).parent) for name in r["partition"]["inputs"]} == {r["partition"]["unit"] or "."}
+               for r in records)
+    assert not list((run_dir / "_plan").glob("*")), "finished partitions leave no plan behind"
+    assert_partitioned_exactly_once(source, run_dir)
+
+    shutil.rmtree(source / "x" / "deep")
+    (source / "x" / "img_0000.jpg").rename(source / "x" / "renamed.jpg")  # a new name in a finished folder
+    second = workflow.curate(cfg)
+    assert (second["this_run"]["items"], second["this_run"]["partitions"]) == (1, 1)
+    assert (second["total"]["items"], second["total"]["partitions"]) == (11, 4)
+    kept_or_removed = outcome_ids(run_dir)
+    assert "x/renamed.jpg" in kept_or_removed["kept"] + kept_or_removed["removed"]
+    assert len([n for n in kept_or_removed["kept"] + kept_or_removed["removed"] if n.startswith("x/deep/")]) == 5
+
+
 def test_interrupted_partition_is_redone_without_duplicates(make_config, tmp_path):
     """A partition whose outputs were written but whose manifest was not (killed in between)."""
     source = tmp_path / "images"
@@ -106,7 +135,7 @@ def test_interrupted_partition_is_redone_without_duplicates(make_config, tmp_pat
     cfg = make_config(str(source))
     workflow.curate(cfg)
     run_dir = tmp_path / "out" / "test"
-    victim = sorted((run_dir / "_manifest").iterdir())[0]
+    victim = sorted((run_dir / "_manifest").glob("*/*.json"))[0]
     victim.unlink()
     (source / "late.png").write_bytes((source / sorted(p.name for p in source.iterdir())[0]).read_bytes())
     resumed = workflow.curate(cfg)

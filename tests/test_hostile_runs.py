@@ -96,7 +96,7 @@ def test_resume_removes_stale_kept_and_removed_copies(make_config, tmp_path):
     cfg = make_config(str(source), detectors=("mcm",))
     workflow.curate(cfg)
     run_dir = tmp_path / "out" / "test"
-    victim = sorted((run_dir / "_manifest").iterdir())[0]
+    victim = sorted((run_dir / "_manifest").glob("*/*.json"))[0]
     inputs = json.loads(victim.read_text())["partition"]["inputs"]
     victim.unlink()
     for name in inputs:  # the opposite decision of what is on disk, as a differently-thresholded run left it

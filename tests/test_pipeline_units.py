@@ -13,7 +13,7 @@ from curation import storage
 from curation.config import ConfigError, SourceConfig, apply_override
 from curation.metrics import (ScoreHistogram, histogram_payload, merge_histogram_payload, score_histograms,
                               threshold_for_rate)
-from curation.pipeline.plan import Partition, RunDirectory
+from curation.pipeline.plan import ManifestLayoutError, Partition, RunDirectory, plan_unit, sum_counts, unit_key
 from curation.pipeline.score import decide
 from curation.pipeline.stream import PartitionCounter
 from curation.pipeline.write import (FAILED, KEEP, REMOVE, SPOOL, finish_partition, read_partition_results,
@@ -61,7 +61,8 @@ def test_spooled_rows_come_back_as_one_partition_and_its_outputs(tmp_path):
     spool_rows(last, run, {"d": 0.5})
     spool = tmp_path / "out" / "run" / SPOOL / "a"
     assert sorted(p.name for p in spool.iterdir()) == ["000000000000.parquet", "000000000002.parquet"]
-    partition = Partition("a", "images", tuple(names))
+    partition = run.write_plan(Partition("a", "images", tuple(names)))  # the driver holds no names
+    assert partition.inputs is None and partition.size == 3
     outcome = finish_partition(run, partition, SourceConfig(uri=str(source_dir)), ["d"], True, 4, 3)
     assert (outcome["kept"], outcome["removed"], outcome["failed"]) == (1, 1, 1)
     assert not spool.exists() or not list(spool.iterdir())
@@ -76,11 +77,13 @@ def test_a_partition_with_missing_spooled_rows_is_left_unfinished(tmp_path):
     run = RunDirectory(str(tmp_path / "out"), "run")
     source = SourceConfig(uri=str(tmp_path))
     spool_rows(_rows("a", 3, [0, 2]), run, {"d": 0.5})  # position 1 never spooled
-    outcome = finish_partition(run, Partition("a", "images", ("x", "y", "z")), source, ["d"], False, 4, 3)
+    planned = {pid: run.write_plan(Partition(pid, "images", names)) for pid, names in
+               (("a", ("x", "y", "z")), ("b", ("x", "y", "z")), ("e", ()))}
+    outcome = finish_partition(run, planned["a"], source, ["d"], False, 4, 3)
     assert "unfinished" in outcome and run.manifest() == {}
     spool_rows(_rows("b", 3, [0, 1]), run, {"d": 0.5})  # the tail's file not (yet) listed: not a short partition
-    assert "unfinished" in finish_partition(run, Partition("b", "images", ("x", "y", "z")), source, ["d"], False, 4, 3)
-    empty = finish_partition(run, Partition("e", "images", ()), source, ["d"], False, 4, 0)
+    assert "unfinished" in finish_partition(run, planned["b"], source, ["d"], False, 4, 3)
+    empty = finish_partition(run, planned["e"], source, ["d"], False, 4, 0)
     assert empty["items"] == 0 and "e" in run.manifest()  # a partition that produced no rows at all
 
 
@@ -158,36 +161,109 @@ def test_a_transiently_unreadable_partition_is_not_finished(tmp_path):
     assert not (tmp_path / "out" / "run" / "scores").exists()
 
 
-def test_manifest_compaction_keeps_every_record_in_one_file(tmp_path):
+def test_manifest_compaction_keeps_every_record_of_a_unit_in_one_file(tmp_path):
     run = RunDirectory(str(tmp_path / "out"), "run")
-    partitions = [Partition(f"p{i}", "images", (f"{i}.png",)) for i in range(5)]
+    partitions = [Partition(f"p{i}", "images", (f"a/{i}.png",), "a") for i in range(5)]
+    run.finish(Partition("other", "images", ("b/x.png",), "b"), {"items": 1})  # another unit: untouched
     for i, partition in enumerate(partitions[:3]):
         run.finish(partition, {"items": i})
-    before = run.manifest()
-    assert sorted(before) == ["p0", "p1", "p2"]
-    assert run.compact_manifest(before) == 3
-    folder = tmp_path / "out" / "run" / "_manifest"
+    key = unit_key("a")
+    before = run.unit_records(key)
+    assert sorted(before) == ["p0", "p1", "p2"] and sorted(run.manifest()) == ["other", "p0", "p1", "p2"]
+    assert run.compact_unit(key, before) == 3
+    folder = tmp_path / "out" / "run" / "_manifest" / key
     [compacted] = list(folder.iterdir())
-    assert compacted.name.startswith("compacted-") and run.manifest() == before
+    assert compacted.name.startswith("compacted-") and run.unit_records(key) == before
     for partition in partitions[3:]:  # later runs add single records beside the compacted file
         run.finish(partition, {"items": 9})
-    after = run.manifest()
+    after = run.unit_records(key)
     assert sorted(after) == [p.id for p in partitions] and after["p1"] == before["p1"]
-    assert run.compact_manifest(after) == 3  # the old compacted file and two singles
-    assert len(list(folder.iterdir())) == 1 and run.manifest() == after
-    assert run.compact_manifest(after) == 0  # nothing to fold
+    assert run.compact_unit(key, after) == 3  # the old compacted file and two singles
+    assert len(list(folder.iterdir())) == 1 and run.unit_records(key) == after
+    assert run.compact_unit(key, after) == 0  # nothing to fold
+    assert sorted(run.manifest()) == ["other"] + [p.id for p in partitions]
 
 
-def test_unfinished_outputs_are_removed_and_finished_ones_kept(tmp_path):
+def test_unvouched_outputs_are_removed_and_finished_ones_kept(tmp_path):
     run = RunDirectory(str(tmp_path / "out"), "run")
-    run.finish(Partition("done", "images", ("a.png",)), {"items": 1})
+    run.finish(Partition("done", "images", ("d/a.png",), "d"), {"items": 1})
     root = tmp_path / "out" / "run"
-    for rel in ("kept/a.png", "kept/b.png", "scores/done.parquet", "scores/gone.parquet", "failed/gone.parquet"):
+    for rel in ("kept/d/a.png", "kept/d/b.png", "removed/d/.a.png.x.tmp", "kept/d/sub/c.png", "scores/done.parquet",
+                "scores/gone.parquet", "failed/gone.parquet", "_spool/gone/0.parquet", "_plan/gone.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
-    assert run.remove_unfinished_outputs(run.manifest()) == 3
+    # one folder at a time: its subfolders are other units, planned by their own tasks
+    assert run.remove_unvouched_outputs("d", {"d/a.png"}) == 2
+    assert run.remove_unvouched_tables({"done"}) == 2 and run.remove_stale_work() == 2
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "_manifest" not in str(p))
-    assert left == ["kept/a.png", "scores/done.parquet"]
+    assert left == ["kept/d/a.png", "kept/d/sub/c.png", "scores/done.parquet"]
+
+
+# -- planning: one folder at a time, names in the plan, the old flat manifest migrated ------------
+def _touch(root, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_plan_unit_groups_one_folders_new_files_and_keeps_names_in_the_plan(tmp_path):
+    source = tmp_path / "src"
+    _touch(source, "r1.jpg", "r2.jpg", "notes.txt", "a/1.jpg", "a/2.jpg", "a/3.jpg", "a/b/4.jpg")
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    root = plan_unit(run, str(source), {}, "images", 2, "")
+    assert (root.subunits, root.skipped, root.finished) == (["a"], {"extension .txt": 1}, [])
+    assert [(p.unit, p.size, p.inputs) for p in root.partitions] == [("", 2, None)]
+    sub = plan_unit(run, str(source), {}, "images", 2, "a")
+    assert sub.subunits == ["a/b"] and [p.size for p in sub.partitions] == [2, 1]
+    loaded = run.load_many(sub.partitions)
+    assert [p.inputs for p in loaded] == [("a/1.jpg", "a/2.jpg"), ("a/3.jpg",)] and loaded[0] == run.load(sub.partitions[0])
+    run.finish(loaded[0], {"items": 2, "kept": 2, "fired": {"d": 0}})
+    _touch(source, "a/0.jpg")  # an incremental run: only what no record covers is planned again
+    again = plan_unit(run, str(source), {}, "images", 2, "a")
+    assert again.finished == [loaded[0].id] and again.finished_counts["items"] == 2
+    assert [p.inputs for p in run.load_many(again.partitions)] == [("a/0.jpg", "a/3.jpg")]
+
+
+def test_plan_unit_of_containers_carries_the_name_and_counts_a_vanished_folder(tmp_path):
+    source = tmp_path / "src"
+    _touch(source, "x/s1.tar", "x/s2.tar")
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    planned = plan_unit(run, str(source), {}, "webdataset", 99, "x").partitions
+    assert [p.inputs for p in planned] == [("x/s1.tar",), ("x/s2.tar",)]
+    assert not (tmp_path / "out" / "run" / "_plan").exists()  # one name travels with the partition
+    run.finish(run.load(planned[0]), {"items": 5})
+    (source / "x" / "s1.tar").unlink()
+    (source / "x" / "s2.tar").unlink()
+    gone = plan_unit(run, str(source), {}, "webdataset", 99, None, unit_key("x"))
+    assert (gone.unit, gone.finished, gone.finished_counts["items"], gone.partitions) == ("x", [planned[0].id], 5, [])
+
+
+def test_the_flat_manifest_of_an_earlier_version_is_refiled_per_folder(tmp_path):
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    flat = tmp_path / "out" / "run" / "_manifest"
+    flat.mkdir(parents=True)
+    records = [{"partition": {"id": "p1", "format": "images", "inputs": ["a/1.jpg", "a/2.jpg"]}, "counts": {"items": 2}},
+               {"partition": {"id": "p2", "format": "images", "inputs": ["3.jpg"]}, "counts": {"items": 1}}]
+    (flat / "compacted-old.jsonl").write_text(json.dumps(records[0]) + "\n")
+    (flat / "p2.json").write_text(json.dumps(records[1]))
+    assert run.migrate_flat_manifest() == 2 and run.migrate_flat_manifest() == 0
+    assert sorted(p.name for p in flat.iterdir()) == sorted([unit_key("a"), unit_key("")])
+    assert run.unit_records(unit_key("a"))["p1"]["partition"]["unit"] == "a"
+    assert run.unit_records(unit_key(""))["p2"]["counts"] == {"items": 1}
+    spanning = RunDirectory(str(tmp_path / "out"), "span")
+    (tmp_path / "out" / "span" / "_manifest").mkdir(parents=True)
+    (tmp_path / "out" / "span" / "_manifest" / "p.json").write_text(json.dumps(
+        {"partition": {"id": "p", "format": "images", "inputs": ["a/1.jpg", "b/2.jpg"]}, "counts": {}}))
+    with pytest.raises(ManifestLayoutError, match="spans folders"):
+        spanning.migrate_flat_manifest()
+
+
+def test_sum_counts_adds_records_and_earlier_sums():
+    records = [{"items": 2, "kept": 1, "removed": 1, "fired": {"d": 1}}, {"items": 1, "failed": 1, "fired": {}}]
+    partial = sum_counts(records)
+    assert (partial["partitions"], partial["items"], partial["fired"]) == (2, 3, {"d": 1})
+    total = sum_counts([partial, {"items": 4, "kept": 4, "fired": {"d": 0}}], ["d", "e"])
+    assert (total["partitions"], total["items"], total["kept"], total["fired"]) == (3, 7, 5, {"d": 1, "e": 0})
 
 
 def test_read_many_returns_every_file_by_uri(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 
 from curation.config import ComputeConfig, SourceConfig
 from curation.models import ModelConfig, batch_size_for
-from curation.pipeline.plan import Partition
+from curation.pipeline.plan import Partition, PlannedPartition
 
 log = logging.getLogger("curation")
 
@@ -158,13 +158,15 @@ class EmbedAndScore:
         return self.encoder.dim
 
 
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int, source: SourceConfig):
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, source: SourceConfig, plans=None):
     """One partition in, its decoded blocks out (a generator: Ray Data streams each block on as
-    its own output, so a large shard never sits in one block)."""
+    its own output, so a large shard never sits in one block). With `plans` (the run directory),
+    the partition is a `PlannedPartition` whose names are read from the run's plan."""
     from curation.pipeline.read import decode_partition
 
     (descriptor,) = batch["partition"]
-    yield from decode_partition(Partition.from_json(descriptor), source, image_size)
+    partition = plans.load(PlannedPartition.from_json(descriptor)) if plans else Partition.from_json(descriptor)
+    yield from decode_partition(partition, source, image_size)
 
 
 def check_no_deadlock(compute: ComputeConfig) -> None:
@@ -193,10 +195,12 @@ def _quiet_ray_data_progress() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _scored(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig, compute: ComputeConfig,
-            detector_files: list[dict], thresholds: dict[str, float], preprocess: tuple[int, tuple, tuple]):
-    """The Ray Data plan: partitions -> decode tasks (blocks of a partition) -> embed-and-score
-    actors. Rows keep everything but the pixels."""
+def _scored(partitions: list, source: SourceConfig, model_cfg: ModelConfig, compute: ComputeConfig,
+            detector_files: list[dict], thresholds: dict[str, float], preprocess: tuple[int, tuple, tuple],
+            plans=None):
+    """The Ray Data plan: partitions (`Partition`s, or `PlannedPartition`s of the run directory
+    `plans`) -> decode tasks (blocks of a partition) -> embed-and-score actors. Rows keep
+    everything but the pixels."""
     import ray
 
     image_size, mean, std = preprocess
@@ -210,7 +214,7 @@ def _scored(partitions: list[Partition], source: SourceConfig, model_cfg: ModelC
                                   override_num_blocks=max(len(partitions), 1))
     dataset = dataset.map_batches(
         _decode_batch, batch_size=1, num_cpus=compute.decode_cpus,
-        fn_kwargs={"image_size": image_size, "source": source})
+        fn_kwargs={"image_size": image_size, "source": source, "plans": plans})
     return dataset.map_batches(
         EmbedAndScore, batch_size=batch_size_for(model_cfg, compute.gpus_per_actor > 0), num_cpus=compute.cpus_per_actor,
         num_gpus=compute.gpus_per_actor,
@@ -231,7 +235,7 @@ def stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelCo
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def spooled_stream(partitions: list[Partition], source: SourceConfig, model_cfg: ModelConfig,
+def spooled_stream(partitions: list[PlannedPartition], source: SourceConfig, model_cfg: ModelConfig,
                    compute: ComputeConfig, detector_files: list[dict], thresholds: dict[str, float],
                    preprocess: tuple[int, tuple, tuple], run) -> Iterator[tuple[str, dict]]:
     """`curate`'s stream: the scored rows are written to the run's spool by a last Ray Data stage
@@ -243,7 +247,7 @@ def spooled_stream(partitions: list[Partition], source: SourceConfig, model_cfg:
 
     if not partitions:
         return
-    dataset = _scored(partitions, source, model_cfg, compute, detector_files, thresholds, preprocess)
+    dataset = _scored(partitions, source, model_cfg, compute, detector_files, thresholds, preprocess, plans=run)
     dataset = dataset.map_batches(spool_rows, batch_size=None, num_cpus=SPOOL_CPUS,
                                   fn_kwargs={"run": run, "thresholds": thresholds})
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -252,9 +256,10 @@ def spooled_stream(partitions: list[Partition], source: SourceConfig, model_cfg:
 
 
 class RescorePartitions:
-    """Ray Data callable class for `rescore`: one stored partition in (its scores/ and failed/
-    files, embeddings included), decided with new detectors or thresholds, written to the new run
-    directory where the actor runs; out goes one row of counts and score histograms (JSON)."""
+    """Ray Data callable class for `rescore`: one stored partition in (its manifest unit key and
+    id; the actor reads its record and its scores/ and failed/ files, embeddings included),
+    decided with new detectors or thresholds, written to the new run directory where the actor
+    runs; out goes one row of counts and score histograms (JSON)."""
 
     def __init__(self, detector_files, thresholds: dict[str, float], previous, run, source: SourceConfig,
                  detector_names: list[str], store_embeddings: bool):
@@ -265,6 +270,14 @@ class RescorePartitions:
         self.detectors = [detector_from_files(files) for files in ray.get(detector_files)]
         self.thresholds, self.previous, self.run, self.source = thresholds, previous, run, source
         self.names, self.store_embeddings = detector_names, store_embeddings
+        self._unit: tuple[str, dict] = ("", {})
+
+    def _record(self, key: str, pid: str) -> dict:
+        """A partition's manifest record; a unit's records are read once per actor, as its
+        partitions arrive in order."""
+        if self._unit[0] != key or not self._unit[1]:
+            self._unit = (key, self.previous.unit_records(key))
+        return self._unit[1][pid]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
@@ -272,9 +285,10 @@ class RescorePartitions:
         from curation.pipeline.score import decide
         from curation.pipeline.write import read_partition_results, score_histograms_of, write_partition
 
-        (descriptor,) = batch["partition"]
-        partition = Partition.from_json(descriptor)
+        (key,), (pid,) = batch["unit_key"], batch["partition"]
+        partition = Partition(pid, "", ())
         try:
+            partition = Partition.from_dict(self._record(key, pid)["partition"])
             results = read_partition_results(self.previous, partition.id)
             ok = results["error_kind"] == ""
             results |= decide(results["embedding"], ok, self.detectors, self.thresholds)
@@ -285,11 +299,11 @@ class RescorePartitions:
         return {"partition": np.array([partition.id], dtype=object), "outcome": np.array([json.dumps(outcome)], dtype=object)}
 
 
-def rescore_stream(partitions: list[Partition], previous, run, source: SourceConfig, compute: ComputeConfig,
+def rescore_stream(partitions: list[tuple[str, str]], previous, run, source: SourceConfig, compute: ComputeConfig,
                    detector_files: list[dict], thresholds: dict[str, float], detector_names: list[str],
                    store_embeddings: bool) -> Iterator[tuple[str, dict]]:
-    """(partition id, outcome) per stored partition, as each is rescored and written: a Ray Data
-    pipeline over scores/, one partition per batch, on an actor pool that loads the detectors once
+    """(partition id, outcome) per stored partition ((unit key, id) of `previous`'s manifest), as
+    each is rescored and written: a Ray Data pipeline over scores/, one partition per batch, on an actor pool that loads the detectors once
     per actor; the driver receives counts and histograms only."""
     import json
 
@@ -299,7 +313,7 @@ def rescore_stream(partitions: list[Partition], previous, run, source: SourceCon
         return
     compute = resolve_compute(compute, node_cpus(), 0.0)
     _quiet_ray_data_progress()
-    dataset = ray.data.from_items([{"partition": p.to_json()} for p in partitions],
+    dataset = ray.data.from_items([{"unit_key": key, "partition": pid} for key, pid in partitions],
                                   override_num_blocks=max(len(partitions), 1))
     dataset = dataset.map_batches(
         RescorePartitions, batch_size=1, num_cpus=compute.cpus_per_actor,
@@ -316,6 +330,15 @@ def submit(fn: Callable, *args, num_cpus: float = 0.25):
     import ray
 
     return ray.remote(num_cpus=num_cpus)(fn).remote(*args)
+
+
+def run_all(fn: Callable, arg_lists: list[tuple], num_cpus: float = 0.25) -> list:
+    """`fn(*args)` for each of `arg_lists` as parallel Ray Tasks; their results in order. The
+    first failure raises: for steps that must all succeed (planning)."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus)(fn)
+    return ray.get([task.remote(*args) for args in arg_lists])
 
 
 def wait_all(refs: list) -> Iterator:

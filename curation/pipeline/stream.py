@@ -15,7 +15,7 @@ import numpy as np
 
 from curation.config import RunConfig
 from curation.pipeline import ray_data
-from curation.pipeline.plan import Partition, make_partitions, relative_inputs
+from curation.pipeline.plan import Partition, PlannedPartition, make_partitions, relative_inputs
 from curation.pipeline.write import FAILED, KEEP, REMOVE
 from curation.progress import Progress
 
@@ -92,9 +92,10 @@ class StreamProgress:
     and WebDataset items are counted only once read: partitions done against the total, items
     as an extra. Kept/removed/failed so far (only failed while scoring: nothing is decided)."""
 
-    def __init__(self, what: str, partitions: list[Partition], decided: bool = True):
+    def __init__(self, what: str, partitions: list, decided: bool = True):
+        """`partitions`: `Partition`s or `PlannedPartition`s (both have a size)."""
         self.by_images = bool(partitions) and all(p.format == "images" for p in partitions)
-        total, unit = ((sum(len(p.inputs) for p in partitions), "images") if self.by_images
+        total, unit = ((sum(p.size for p in partitions), "images") if self.by_images
                        else (len(partitions), "partitions"))
         self.counts = dict.fromkeys(("items", "kept", "removed", "failed") if decided else ("items", "failed"), 0)
         self.progress = Progress(what, total, unit, **self.counts)
@@ -120,7 +121,7 @@ class StreamProgress:
         self.progress.update(counts["rows"] if self.by_images else finished_partitions, **self.counts)
 
 
-def wait_for_writers(jobs: list[tuple[Partition, object]]) -> tuple[list[dict], list[dict]]:
+def wait_for_writers(jobs: list[tuple[PlannedPartition, object]]) -> tuple[list[dict], list[dict]]:
     """Counts of the partitions written, and {partition, reason} of those left for the next run:
     transiently unreadable inputs, or a writer task that failed (its error is the reason)."""
     counts, unfinished = [], []
@@ -137,13 +138,3 @@ def wait_for_writers(jobs: list[tuple[Partition, object]]) -> tuple[list[dict], 
         log.warning("%d of %d partitions left unfinished (the next run retries them), e.g. %s", len(unfinished),
                     len(jobs), unfinished[0]["reason"])
     return counts, unfinished
-
-
-def sum_counts(counts: list[dict], names: list[str]) -> dict:
-    total = {k: sum(c.get(k, 0) for c in counts) for k in ("items", "kept", "removed", "failed", "files",
-                                                          "failed_files")}
-    total["fired"] = {n: sum(c["fired"].get(n, 0) for c in counts) for n in names}
-    total["partitions"] = len(counts)
-    return total
-
-

@@ -9,7 +9,7 @@ During a curate run, scored rows never travel to the driver: the stream's last s
 `_spool/<partition>/<first position>.parquet` where they were scored and sends the driver counts;
 once a partition's rows are all spooled, `finish_partition` (a Ray Task) reads them back and writes
 the partition's outputs. A retried batch rewrites the same spool file (same first position), and a
-run starts by deleting every spool file (`RunDirectory.remove_unfinished_outputs`).
+run starts by deleting every spool file (`RunDirectory.remove_stale_work`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import tarfile
 import numpy as np
 
 from curation import storage
-from curation.pipeline.plan import Partition, RunDirectory
+from curation.pipeline.plan import SPOOL, Partition, PlannedPartition, RunDirectory
 from curation.pipeline.decode import DecodeError
 from curation.pipeline.read import (UNAVAILABLE, StoreReadError, fetch, iter_source_batches, iter_source_shard,
                                     read_parquet_table)
 
 KEEP, REMOVE, FAILED = "keep", "remove", "failed"
-SPOOL = "_spool"
 
 
 def fired_list(fired: str) -> list[str]:
@@ -248,16 +247,17 @@ def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict
     return {key: np.array(values, dtype=object) for key, values in out.items()}
 
 
-def finish_partition(run: RunDirectory, partition: Partition, source, detector_names: list[str],
+def finish_partition(run: RunDirectory, planned: PlannedPartition, source, detector_names: list[str],
                      store_embeddings: bool, dim: int, expected_rows: int) -> dict:
     """Ray Task: a partition whose `expected_rows` rows are all spooled -> its outputs and manifest
     record (`write_partition`), then its spool files deleted. The spooled positions must be exactly
     0..expected_rows-1 (a lagging listing or a lost file must not pass for a short partition);
     anything else leaves the partition unfinished for the next run, never a wrong output. A retry
     of a task that already finished (Ray retries tasks whose worker died) returns its record."""
-    done = run.read_json("_manifest", f"{partition.id}.json")
+    done = run.finished_record(planned)
     if done is not None:
         return done["counts"]
+    partition = run.load(planned)
     files = storage.list_files(run.path(SPOOL, partition.id, ""), run.options, (".parquet",))
     chunks = [_table_rows(read_parquet_table(file, run.options)) for file in files]
     results = ({key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]} if chunks
@@ -266,8 +266,8 @@ def finish_partition(run: RunDirectory, partition: Partition, source, detector_n
         return {"unfinished": f"spooled rows of {partition.id} ({len(results['position'])}) do not cover its "
                               f"{expected_rows} items exactly once", "partition": partition.id}
     outcome = write_partition(run, partition, results, source, detector_names, store_embeddings)
-    if "unfinished" not in outcome:
-        storage.remove_many(files, run.options)
+    if "unfinished" not in outcome:  # the record stands: spool and plan are done with
+        storage.remove_many(files + run.plan_files([planned]), run.options)
     return outcome
 
 
