@@ -189,7 +189,7 @@ def list_dir(uri: str, storage_options: dict | None = None) -> tuple[list[str], 
     files, folders, skipped = [], [], Counter()
     if is_local(uri):
         path = _local_path(uri)
-        if not os.path.isdir(path) or os.path.islink(path):
+        if not os.path.isdir(path):  # the root itself may be a link (a linked dataset folder)
             return [], [], {}
         with os.scandir(path) as entries:
             for entry in entries:

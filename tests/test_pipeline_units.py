@@ -236,6 +236,10 @@ def test_plan_unit_of_containers_carries_the_name_and_counts_a_vanished_folder(t
     (source / "x" / "s2.tar").unlink()
     gone = plan_unit(run, str(source), {}, "webdataset", 99, None, unit_key("x"))
     assert (gone.unit, gone.finished, gone.finished_counts["items"], gone.partitions) == ("x", [planned[0].id], 5, [])
+    (tmp_path / "out" / "run" / "kept").mkdir()
+    (tmp_path / "out" / "run" / "kept" / "root.tar").write_bytes(b"x")
+    empty = plan_unit(run, str(source), {}, "webdataset", 99, None, "0" * 16)  # a unit with no record: no folder
+    assert (empty.finished, empty.partitions) == ([], []) and (tmp_path / "out" / "run" / "kept" / "root.tar").exists()
 
 
 def test_the_flat_manifest_of_an_earlier_version_is_refiled_per_folder(tmp_path):

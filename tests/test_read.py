@@ -105,6 +105,15 @@ def test_local_listing_skips_links_and_special_files_and_counts_them(tmp_path):
     assert skipped == {"link": 2, "special_file": 1, "extension .txt": 1, "extension .gz": 1}
 
 
+def test_a_linked_source_root_is_listed_but_links_inside_it_are_not_walked(tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    hostile.write_good_shard(tmp_path / "data" / "sub" / "real.tar", 1, seed=8)
+    os.symlink(tmp_path / "data", tmp_path / "linked")
+    os.symlink(tmp_path / "data" / "sub", tmp_path / "data" / "sub-link")
+    names, skipped = scan_inputs(str(tmp_path / "linked"), {}, "webdataset")
+    assert names == ["sub/real.tar"] and skipped == {"link": 1}
+
+
 def test_s3_keys_that_would_collide_on_output_are_skipped_and_counted():
     from s3server import make_bucket, moto_s3
 

@@ -357,9 +357,11 @@ def plan_unit(run: RunDirectory, source_uri: str, storage_options: dict, fmt: st
     still count, and nothing is listed. Call it under the lease."""
     key = key or unit_key(unit)
     records = run.unit_records(key)
+    if unit is None and not records:  # no folder name to act on: touch nothing
+        return UnitPlan("", key, [], {}, [], [], sum_counts([]))
     run.compact_unit(key, records)
     if unit is None:
-        unit = next(iter(records.values()))["partition"].get("unit", "") if records else ""
+        unit = Partition.from_dict(next(iter(records.values()))["partition"]).unit
         names, subunits, skipped = [], [], Counter()
     else:
         names, subunits, skipped = list_unit(source_uri, storage_options, fmt, unit)
