@@ -209,9 +209,9 @@ def list_dir(uri: str, storage_options: dict | None = None) -> tuple[list[str], 
             entries = fs.ls(prefix, detail=True, refresh=True)
         except FileNotFoundError:
             entries = []
-        for entry in entries:
-            name = entry["name"][len(prefix):] if entry["name"].startswith(prefix) else entry["name"].rsplit("/", 1)[-1]
-            (folders if entry["type"] == "directory" else files).append(name)
+        for entry in entries:  # a file key answers a listing with itself: not a child of the prefix
+            if entry["name"].startswith(prefix):
+                (folders if entry["type"] == "directory" else files).append(entry["name"][len(prefix):])
     return sorted(files), sorted(folders), dict(skipped)
 
 

@@ -43,17 +43,20 @@ def check_calibration_sample(cfg: RunConfig, det: DetectorConfig, found: int, fa
 
 def calibration_partitions(cfg: RunConfig, run: RunDirectory, partitions: list[PlannedPartition],
                            sample_size: int) -> list[Partition]:
-    """A deterministic spread-out sample: every k-th image file of the plan (only the plan files
-    that hold a sampled name are read), else the first 4 files."""
+    """A deterministic spread-out sample: every k-th image file of the plan, else the first 4
+    files. Only the plan files that hold a sampled name are read, 64 at a time, keeping only the
+    sampled names."""
     if cfg.source.format != "images":
         return run.load_many(partitions[:4])
-    sizes = np.array([p.size for p in partitions], dtype=np.int64)
-    step = max(1, int(sizes.sum()) // sample_size)
-    sampled = np.arange(0, int(sizes.sum()), step)[:sample_size]
-    owners = np.searchsorted(np.cumsum(sizes), sampled, side="right")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    loaded = dict(zip(np.unique(owners).tolist(), run.load_many([partitions[i] for i in np.unique(owners)])))
-    names = [loaded[owner].inputs[position - starts[owner]] for owner, position in zip(owners.tolist(), sampled)]
+    ends = np.cumsum([p.size for p in partitions], dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    sampled = np.arange(0, total, max(1, total // sample_size))[:sample_size]
+    owners = np.searchsorted(ends, sampled, side="right")
+    names = []
+    for chunk in np.array_split(np.unique(owners), max(1, -(-len(np.unique(owners)) // 64))):
+        for index, partition in zip(chunk.tolist(), run.load_many([partitions[i] for i in chunk])):
+            start = int(ends[index]) - partition.size
+            names += [partition.inputs[position - start] for position in sampled[owners == index].tolist()]
     return make_partitions(names, "images", cfg.source.partition_size)
 
 

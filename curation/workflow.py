@@ -23,7 +23,7 @@ from curation.metrics import merge_histogram_payload, score_histograms
 from curation.models import ModelConfig, model_identity
 from curation.pipeline import ray_data
 from curation.pipeline.lease import RunLease, RunLockedError
-from curation.pipeline.plan import RunDirectory, plan, sum_counts
+from curation.pipeline.plan import ManifestLayoutError, RunDirectory, plan, sum_counts
 from curation.pipeline.stream import PartitionCounter, StreamProgress, preprocess_of, score_image_set, wait_for_writers
 from curation.pipeline.write import finish_partition
 from curation.preflight import check_output_outside_source, check_paths_for_ray_job, start_ray
@@ -64,17 +64,21 @@ def curate(cfg: RunConfig) -> dict:
 def _curate_leased(cfg: RunConfig, run: RunDirectory, lease: RunLease, started: float) -> dict:
     timings = {}
     # under the lease, before any worker of this run starts: planning deletes leftovers of
-    # killed runs and compacts the manifest
-    run.check_owner(cfg.decision_hash())
-    run.remove_stale_work()
-    run.migrate_flat_manifest()
-    work = plan(run, cfg.source.uri, cfg.source.storage_options, cfg.source.format, cfg.source.partition_size)
+    # killed runs and compacts the manifest, in a directory an earlier run of this config claimed
+    # (one that no run claimed yet holds nothing of ours: nothing in it is deleted)
+    owned = run.check_owner(cfg.decision_hash())
+    if owned:
+        run.remove_stale_work()
+        run.migrate_flat_manifest()
+    work = plan(run, cfg.source.uri, cfg.source.storage_options, cfg.source.format, cfg.source.partition_size,
+                clean=owned)
     partitions, skipped = work.partitions, work.skipped
     if not partitions and not work.finished:
         raise NoInputsError(f"source.uri {secrets.redact_text(cfg.source.uri)!r} holds no {cfg.source.format} inputs "
                             f"(skipped: {skipped or 'nothing'}); check source.uri and source.format")
     run.claim(cfg.decision_hash(), _loggable(cfg))
-    run.remove_unvouched_tables(work.finished)
+    if owned:
+        run.remove_unvouched_tables(work.finished)
     log.info("%d partitions to do, %d already finished", len(partitions), len(work.finished))
     if skipped:
         log.warning("source entries skipped (not inputs of format %r): %s", cfg.source.format, skipped)
@@ -229,10 +233,15 @@ def rescore(cfg: RunConfig, scores_uri: str) -> dict:
     if previous_model != model_identity(cfg.model):
         raise ValueError(f"{scores_uri} stored embeddings of {previous_model}, the config uses "
                          f"{model_identity(cfg.model)}: detectors must be fitted for the same model")
+    keys = previous.unit_keys()
+    if "" in keys:
+        raise ManifestLayoutError(f"{scores_uri}: its manifest has the flat layout of an earlier version; run "
+                                  "`curation curate` with its config once (it refiles the manifest per folder), then "
+                                  "rescore")
     start_ray(cfg)
     artifacts, _ = fitted_detectors(cfg)
     names = [d.label for d in cfg.detectors]
-    partitions = [(key, pid) for key in previous.unit_keys() for pid in sorted(previous.unit_records(key))]
+    partitions = [(key, pid) for key in keys for pid in sorted(previous.unit_records(key))]
     thresholds = rescore_thresholds(cfg, load_artifacts(artifacts), previous, [pid for _, pid in partitions],
                                     artifacts)
     run = RunDirectory(cfg.output.uri, cfg.run_name, cfg.output.storage_options)

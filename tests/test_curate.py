@@ -108,9 +108,12 @@ def test_nested_folders_are_planned_one_folder_at_a_time_and_every_total_stays_e
     write_rgb_images(source / "x", 3, seed=2)
     write_rgb_images(source / "x" / "deep", 5, seed=3)
     cfg = make_config(str(source), detectors=("mcm",))
+    run_dir = tmp_path / "out" / "test"
+    (run_dir / "kept").mkdir(parents=True)
+    (run_dir / "kept" / "not-ours.txt").write_text("a directory no run claimed yet: nothing in it is deleted")
     first = workflow.curate(cfg)
     assert (first["this_run"]["items"], first["this_run"]["partitions"]) == (10, 3)  # one per folder
-    run_dir = tmp_path / "out" / "test"
+    (run_dir / "kept" / "not-ours.txt").unlink()
     records = [json.loads(p.read_text()) for p in (run_dir / "_manifest").glob("*/*.json")]
     assert sorted(r["partition"]["unit"] for r in records) == ["", "x", "x/deep"]
     assert all({str(Path(name).parent) for name in r["partition"]["inputs"]} == {r["partition"]["unit"] or "."}

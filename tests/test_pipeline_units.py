@@ -210,7 +210,11 @@ def test_plan_unit_groups_one_folders_new_files_and_keeps_names_in_the_plan(tmp_
     source = tmp_path / "src"
     _touch(source, "r1.jpg", "r2.jpg", "notes.txt", "a/1.jpg", "a/2.jpg", "a/3.jpg", "a/b/4.jpg")
     run = RunDirectory(str(tmp_path / "out"), "run")
+    _touch(tmp_path / "out" / "run", "kept/r1.jpg")  # not vouched for, but the directory is no run's yet
+    plan_unit(run, str(source), {}, "images", 2, "", clean=False)
+    assert (tmp_path / "out" / "run" / "kept" / "r1.jpg").exists()
     root = plan_unit(run, str(source), {}, "images", 2, "")
+    assert not (tmp_path / "out" / "run" / "kept" / "r1.jpg").exists()
     assert (root.subunits, root.skipped, root.finished) == (["a"], {"extension .txt": 1}, [])
     assert [(p.unit, p.size, p.inputs) for p in root.partitions] == [("", 2, None)]
     sub = plan_unit(run, str(source), {}, "images", 2, "a")
@@ -342,3 +346,34 @@ def test_read_many_takes_glob_characters_literally(tmp_path):
     (folder / "ab.json").write_text("2")
     uris = storage.list_files(str(folder), {})
     assert sorted(storage.read_many(uris, {}).values()) == [b"1", b"2"]
+
+
+def test_calibration_samples_every_kth_name_across_folders_from_the_plan(tmp_path):
+    from types import SimpleNamespace
+
+    from curation.thresholds import calibration_partitions
+
+    run = RunDirectory(str(tmp_path / "out"), "run")
+    folders = {"": 5, "a": 3, "a/b": 4}
+    planned = [run.write_plan(Partition(f"p{unit}", "images", tuple(f"{unit}/{i}.jpg".lstrip("/") for i in range(n)),
+                                        unit)) for unit, n in folders.items()]
+    cfg = SimpleNamespace(source=SimpleNamespace(format="images", partition_size=3))
+    sample = calibration_partitions(cfg, run, planned, 4)  # 12 names, every 3rd
+    assert [name for p in sample for name in p.inputs] == ["0.jpg", "3.jpg", "a/1.jpg", "a/b/1.jpg"]
+    assert [p.size for p in sample] == [3, 1]
+    everything = calibration_partitions(cfg, run, planned, 100)
+    assert sum(p.size for p in everything) == 12
+
+
+def test_rescore_refuses_a_flat_manifest_before_any_work(make_config, tmp_path):
+    previous = tmp_path / "old"
+    (previous / "_manifest").mkdir(parents=True)
+    cfg = make_config(str(tmp_path / "src"), detectors=("mcm",))
+    (previous / "_config.json").write_text(json.dumps({"decision_hash": "x", "config": {"model": {
+        "name": cfg.model.name, "pretrained": cfg.model.pretrained}}}))
+    (previous / "_manifest" / "p.json").write_text(json.dumps(
+        {"partition": {"id": "p", "format": "images", "inputs": ["a/1.jpg", "b/2.jpg"]}, "counts": {}}))
+    from curation import workflow
+
+    with pytest.raises(ManifestLayoutError, match="flat layout of an earlier version"):
+        workflow.rescore(cfg, str(previous))

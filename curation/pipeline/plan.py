@@ -30,7 +30,6 @@ from curation import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FORMAT_EXTENSIONS = {"images": IMAGE_EXTENSIONS, "parquet": (".parquet",), "webdataset": (".tar",)}
-OUTPUT_DIRS = ("kept", "removed", "scores", "failed")
 COUNT_KEYS = ("items", "kept", "removed", "failed", "files", "failed_files")
 MANIFEST, PLAN, SPOOL = "_manifest", "_plan", "_spool"
 log = logging.getLogger(__name__)
@@ -102,15 +101,17 @@ def unit_key(unit: str) -> str:
 
 
 def _unsafe_name(name: str) -> bool:
-    """Names that cannot map to a distinct output path: S3 keys with empty, `.` or `..` segments
-    (`a//b.jpg` and `a/./b.jpg` would both land on `kept/a/b.jpg`) or backslashes."""
+    """A file or folder name (one path segment) that cannot map to a distinct output path: S3
+    keys with empty, `.` or `..` segments (`a//b.jpg` and `a/./b.jpg` would both land on
+    `kept/a/b.jpg`) list as folders named "", "." or "..", and backslashes are refused too."""
     return name in ("", ".", "..") or "\\" in name or "/" in name
 
 
 def list_unit(source_uri: str, storage_options: dict, fmt: str, unit: str) -> tuple[list[str], list[str], Counter]:
     """One folder of the source: its input files and subfolders (relative to the source root,
     sorted), and what was skipped by reason (links, special files, other extensions, unsafe
-    names), for summary.json. Nothing is dropped uncounted."""
+    names), for summary.json. Nothing is dropped uncounted; an unsafe subfolder counts once, for
+    its whole subtree, which is never listed."""
     files, folders, passed_over = storage.list_dir(storage.join(source_uri, unit), storage_options)
     skipped, prefix, wanted = Counter(passed_over), f"{unit}/" if unit else "", FORMAT_EXTENSIONS[fmt]
     names, subunits = [], []
@@ -186,14 +187,16 @@ class RunDirectory:
     def write_json(self, obj, *parts: str) -> None:
         storage.write_bytes(self.path(*parts), json.dumps(obj, indent=2, default=str).encode(), self.options)
 
-    def check_owner(self, decision_hash: str) -> None:
-        """Refuse a directory owned by another decision config, before anything in it changes."""
+    def check_owner(self, decision_hash: str) -> bool:
+        """Refuse a directory owned by another decision config, before anything in it changes;
+        returns whether this config owns it already (an earlier run claimed it)."""
         owner = self.read_json("_config.json")
         if owner is not None and owner["decision_hash"] != decision_hash:
             raise OutputConflictError(
                 f"{self.uri} already holds a run of another config (decision hash "
                 f"{owner['decision_hash']}, this config {decision_hash}). Use another run_name or "
                 "output.uri; re-running the same config resumes and adds new partitions.")
+        return owner is not None
 
     def claim(self, decision_hash: str, config_dict: dict) -> None:
         """Mark this directory as owned by one decision config; refuse another config's run."""
@@ -351,22 +354,25 @@ class UnitPlan:
 
 
 def plan_unit(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, partition_size: int,
-              unit: str | None, key: str | None = None) -> UnitPlan:
+              unit: str | None, key: str | None = None, clean: bool = True) -> UnitPlan:
     """Ray Task: plan one folder of the source (see the module docstring). With `unit=None`,
     a manifest unit the walk did not reach (its folder is gone from the source): its records
-    still count, and nothing is listed. Call it under the lease."""
+    still count, and nothing is listed. `clean=False` deletes nothing (a directory no run has
+    claimed yet holds nothing of ours). Call it under the lease."""
     key = key or unit_key(unit)
     records = run.unit_records(key)
     if unit is None and not records:  # no folder name to act on: touch nothing
         return UnitPlan("", key, [], {}, [], [], sum_counts([]))
-    run.compact_unit(key, records)
+    if clean:
+        run.compact_unit(key, records)
     if unit is None:
         unit = Partition.from_dict(next(iter(records.values()))["partition"]).unit
         names, subunits, skipped = [], [], Counter()
     else:
         names, subunits, skipped = list_unit(source_uri, storage_options, fmt, unit)
     done = {name for record in records.values() for name in record["partition"]["inputs"]}
-    run.remove_unvouched_outputs(unit, done)
+    if clean:
+        run.remove_unvouched_outputs(unit, done)
     todo = make_partitions([name for name in names if name not in done], fmt, partition_size, unit)
     return UnitPlan(unit, key, subunits, dict(skipped), [run.write_plan(p) for p in todo], sorted(records),
                     sum_counts([record["counts"] for record in records.values()]))
@@ -382,7 +388,8 @@ class Plan:
     skipped: dict[str, int]
 
 
-def plan(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, partition_size: int) -> Plan:
+def plan(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, partition_size: int,
+         clean: bool = True) -> Plan:
     """Walk the source breadth-first, one `plan_unit` Ray Task per folder (a level's folders in
     parallel), then the manifest units the walk did not reach. Call it under the lease, after the
     flat manifest is migrated and stale work removed."""
@@ -391,7 +398,7 @@ def plan(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, pa
     partitions, finished, unit_counts, skipped, seen = [], set(), [], Counter(), set()
     frontier: list[tuple[str | None, str | None]] = [("", None)]
     while frontier:
-        results = run_all(plan_unit, [(run, source_uri, storage_options, fmt, partition_size, unit, key)
+        results = run_all(plan_unit, [(run, source_uri, storage_options, fmt, partition_size, unit, key, clean)
                                       for unit, key in frontier])
         frontier = [(sub, None) for result in results for sub in result.subunits]
         for result in results:

@@ -303,8 +303,9 @@ def rescore_stream(partitions: list[tuple[str, str]], previous, run, source: Sou
                    detector_files: list[dict], thresholds: dict[str, float], detector_names: list[str],
                    store_embeddings: bool) -> Iterator[tuple[str, dict]]:
     """(partition id, outcome) per stored partition ((unit key, id) of `previous`'s manifest), as
-    each is rescored and written: a Ray Data pipeline over scores/, one partition per batch, on an actor pool that loads the detectors once
-    per actor; the driver receives counts and histograms only."""
+    each is rescored and written: a Ray Data pipeline over scores/, one partition per batch, on an
+    actor pool that loads the detectors once per actor; the driver receives counts and histograms
+    only."""
     import json
 
     import ray
@@ -333,12 +334,15 @@ def submit(fn: Callable, *args, num_cpus: float = 0.25):
 
 
 def run_all(fn: Callable, arg_lists: list[tuple], num_cpus: float = 0.25) -> list:
-    """`fn(*args)` for each of `arg_lists` as parallel Ray Tasks; their results in order. The
-    first failure raises: for steps that must all succeed (planning)."""
+    """`fn(*args)` for each of `arg_lists` as parallel Ray Tasks; their results in order. A failure
+    raises, but only once every task has ended: none may still act (planning deletes and compacts)
+    after the caller gives up its lease."""
     import ray
 
     task = ray.remote(num_cpus=num_cpus)(fn)
-    return ray.get([task.remote(*args) for args in arg_lists])
+    refs = [task.remote(*args) for args in arg_lists]
+    ray.wait(refs, num_returns=len(refs))
+    return ray.get(refs)
 
 
 def wait_all(refs: list) -> Iterator:

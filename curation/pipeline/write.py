@@ -250,7 +250,8 @@ def spool_rows(batch: dict[str, np.ndarray], run: RunDirectory, thresholds: dict
 def finish_partition(run: RunDirectory, planned: PlannedPartition, source, detector_names: list[str],
                      store_embeddings: bool, dim: int, expected_rows: int) -> dict:
     """Ray Task: a partition whose `expected_rows` rows are all spooled -> its outputs and manifest
-    record (`write_partition`), then its spool files deleted. The spooled positions must be exactly
+    record (`write_partition`; its names read from the run's plan), then its spool files and plan
+    deleted. The spooled positions must be exactly
     0..expected_rows-1 (a lagging listing or a lost file must not pass for a short partition);
     anything else leaves the partition unfinished for the next run, never a wrong output. A retry
     of a task that already finished (Ray retries tasks whose worker died) returns its record."""
