@@ -52,8 +52,8 @@ def calibration_partitions(cfg: RunConfig, run: RunDirectory, partitions: list[P
     total = int(ends[-1]) if len(ends) else 0
     sampled = np.arange(0, total, max(1, total // sample_size))[:sample_size]
     owners = np.searchsorted(ends, sampled, side="right")
-    names = []
-    for chunk in np.array_split(np.unique(owners), max(1, -(-len(np.unique(owners)) // 64))):
+    needed, names = np.unique(owners), []
+    for chunk in np.array_split(needed, max(1, -(-len(needed) // 64))):
         for index, partition in zip(chunk.tolist(), run.load_many([partitions[i] for i in chunk])):
             start = int(ends[index]) - partition.size
             names += [partition.inputs[position - start] for position in sampled[owners == index].tolist()]

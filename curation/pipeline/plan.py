@@ -24,7 +24,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from curation import storage
 
@@ -200,8 +200,7 @@ class RunDirectory:
 
     def claim(self, decision_hash: str, config_dict: dict) -> None:
         """Mark this directory as owned by one decision config; refuse another config's run."""
-        self.check_owner(decision_hash)
-        if self.read_json("_config.json") is None:
+        if not self.check_owner(decision_hash):
             self.write_json({"decision_hash": decision_hash, "config": config_dict}, "_config.json")
 
     # -- the manifest: `_manifest/<unit key>/` per folder of the source ---------------------------
@@ -213,7 +212,7 @@ class RunDirectory:
     def unit_records(self, key: str) -> dict[str, dict]:
         """Finished partitions of one unit: id -> manifest record, from its compacted files and
         the single records written since, fetched in one concurrent batch."""
-        folder = self.path(MANIFEST, key, "") if key else self.path(MANIFEST, "")
+        folder = self.path(MANIFEST, key, "")  # key "": the old flat layout's files
         for attempt in range(3):  # a resumed run compacting meanwhile may delete a listed file
             files = [folder + name for name in storage.list_dir(folder, self.options)[0]
                      if name.endswith((".json", ".jsonl"))]
@@ -260,7 +259,7 @@ class RunDirectory:
         """Records of the old flat layout (`_manifest/<id>.json`, `compacted-*.jsonl`) refiled per
         unit, once, under the lease. Old partitions could span folders; one that does cannot be
         refiled and the run is refused rather than redoing or double-counting anything."""
-        records = self.unit_records("") if "" in self.unit_keys() else {}
+        records = self.unit_records("")
         if not records:
             return 0
         by_unit: dict[str, dict] = {}
@@ -288,25 +287,27 @@ class RunDirectory:
         return self.read_json(MANIFEST, unit_key(partition.unit), f"{partition.id}.json")
 
     # -- the plan: image groups' names, read by the stream's stages ----------------------------
-    def write_plan(self, partition: Partition) -> PlannedPartition:
-        if partition.format != "images":
-            return PlannedPartition(partition.id, partition.format, partition.unit, partition.size, partition.inputs)
-        self.write_json(asdict(partition), PLAN, f"{partition.id}.json")
-        return PlannedPartition(partition.id, partition.format, partition.unit, partition.size)
+    def _plan_uri(self, pid: str) -> str:
+        return self.path(PLAN, f"{pid}.json")
 
-    def load(self, planned: PlannedPartition) -> Partition:
-        if planned.inputs is not None:
-            return Partition(planned.id, planned.format, planned.inputs, planned.unit)
-        return Partition.from_dict(self.read_json(PLAN, f"{planned.id}.json"))
+    def write_plan(self, partition: Partition) -> PlannedPartition:
+        inline = partition.format != "images"
+        if not inline:
+            storage.write_bytes(self._plan_uri(partition.id), json.dumps(asdict(partition)).encode(), self.options)
+        return PlannedPartition(partition.id, partition.format, partition.unit, partition.size,
+                                partition.inputs if inline else None)
 
     def plan_files(self, planned: list[PlannedPartition]) -> list[str]:
-        return [self.path(PLAN, f"{p.id}.json") for p in planned if p.inputs is None]
+        return [self._plan_uri(p.id) for p in planned if p.inputs is None]
 
     def load_many(self, planned: list[PlannedPartition]) -> list[Partition]:
-        """`load` for many partitions, the plan files fetched in one concurrent batch."""
+        """The partitions with their names, the plan files fetched in one concurrent batch."""
         contents = storage.read_many(self.plan_files(planned), self.options)
-        return [self.load(p) if p.inputs is not None else
-                Partition.from_dict(json.loads(contents[self.path(PLAN, f"{p.id}.json")])) for p in planned]
+        return [Partition(p.id, p.format, p.inputs, p.unit) if p.inputs is not None else
+                Partition.from_dict(json.loads(contents[self._plan_uri(p.id)])) for p in planned]
+
+    def load(self, planned: PlannedPartition) -> Partition:
+        return self.load_many([planned])[0]
 
     # -- leftovers of killed runs ----------------------------------------------------------------
     def remove_stale_work(self) -> int:
@@ -323,7 +324,7 @@ class RunDirectory:
         inputs and decide them again, so nothing stale may stay. Bulk delete."""
         stale = []
         for folder in ("kept", "removed"):
-            root = self.path(folder, unit, "") if unit else self.path(folder, "")
+            root = self.path(folder, unit, "")
             prefix = f"{unit}/" if unit else ""
             stale += [root + name for name in storage.list_dir(root, self.options)[0] if prefix + name not in inputs]
         storage.remove_many(stale, self.options)
@@ -350,7 +351,7 @@ class UnitPlan:
     skipped: dict[str, int]
     partitions: list[PlannedPartition]
     finished: list[str]
-    finished_counts: dict = field(default_factory=dict)
+    finished_counts: dict
 
 
 def plan_unit(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, partition_size: int,
@@ -409,6 +410,4 @@ def plan(run: RunDirectory, source_uri: str, storage_options: dict, fmt: str, pa
             skipped.update(result.skipped)
         if not frontier:
             frontier = [(None, key) for key in run.unit_keys() if key and key not in seen]
-    if skipped.get("unsafe_name"):
-        log.warning("skipped %d source names that cannot map to distinct outputs", skipped["unsafe_name"])
     return Plan(partitions, finished, sum_counts(unit_counts), dict(skipped))
