@@ -404,6 +404,17 @@ def _check_params(det: DetectorConfig, where: str) -> None:
         raise ConfigError(f"{where}.params: unknown parameter(s) {unknown} for {det.kind}; valid: {list(valid)}")
 
 
+def _check_constructs(det: DetectorConfig, where: str) -> None:
+    """Build the detector once, unfitted (cheap: no model, no text), so a bad parameter value
+    fails at config load, naming the detector, rather than later in a Ray Task."""
+    from curation.detectors import Detector
+
+    try:
+        Detector.registry[det.kind](det.task_texts, side=det.side, name=det.label, **det.params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _finalize_detectors(config: RunConfig, base: Path) -> RunConfig:
     """Check detector params and inline `task_file` contents (one text per line, # comments) so
     the run records its texts."""
@@ -422,5 +433,7 @@ def _finalize_detectors(config: RunConfig, base: Path) -> RunConfig:
                       if line.strip() and not line.lstrip().startswith("#")]
         if not texts:
             raise ConfigError(f"detectors[{i}]: give task_texts or a task_file (both are empty)")
-        detectors.append(dataclasses.replace(det, task_texts=texts, task_file=None))
+        det = dataclasses.replace(det, task_texts=texts, task_file=None)
+        _check_constructs(det, f"detectors[{i}]")
+        detectors.append(det)
     return dataclasses.replace(config, detectors=detectors)

@@ -78,6 +78,6 @@ def test_detector_names_are_identifiers(name):
 
 
 def test_valid_detector_names_pass():
-    cfg = load_config(None, ["detectors=[{kind: mcm, name: food_mcm-2, task_texts: [apple]}, "
-                             "{kind: mcm, name: _x, task_texts: [pear]}]"])
+    cfg = load_config(None, ["detectors=[{kind: mcm, name: food_mcm-2, task_texts: [apple, plum]}, "
+                             "{kind: mcm, name: _x, task_texts: [pear, fig]}]"])
     assert [d.label for d in cfg.detectors] == ["food_mcm-2", "_x"]

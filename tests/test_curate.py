@@ -273,6 +273,9 @@ def test_two_actors_with_fractional_cpus_finish(make_config, tmp_path):
     ("model.batch_size=big", "model.batch_size: expected int"),
     ("source.format=tiff", "source.format: 'tiff' is not one of"),
     ("detectors.0.params.ngroups=3", "detectors[0].params: unknown parameter(s) ['ngroups']"),
+    ("detectors.0.params.noun_templates=['an emoji of a {}', emoji]",
+     "detectors[0]: noun_templates: each must contain exactly one '{}'; got ['emoji']"),
+    ("detectors.2.task_texts=[apple]", "detectors[2]: MCM needs at least two task texts"),
 ])
 def test_config_errors_name_the_field(make_config, override, field):
     with pytest.raises(ConfigError) as err:

@@ -78,3 +78,59 @@ def test_float64_in_float64_math():
     rng = np.random.default_rng(4)
     out = neglabel_scores(unit(rng, 2, 4), unit(rng, 1, 4), unit(rng, 3, 4), ngroup=1)
     assert out.dtype == torch.float64
+
+
+class RecordingEncoder:
+    """Text -> a fixed random unit vector per text (seeded by the text), remembering every call."""
+
+    identity = "recording"
+
+    def __init__(self, dim=16):
+        self.dim, self.calls = dim, []
+
+    def encode_text(self, texts):
+        self.calls.append(list(texts))
+        rows = [np.random.default_rng(list(t.encode())).standard_normal(self.dim) for t in texts]
+        return F.normalize(torch.tensor(np.array(rows)), dim=-1).numpy().astype(np.float32)
+
+
+def test_prompt_ensemble_is_hftts_class_embedding_and_one_template_is_untouched():
+    from curation.detectors.hftt import task_embeddings
+    from curation.text.templates import encode_prompts
+
+    encoder, words, templates = RecordingEncoder(), ["cat", "hot dog", "sword"], ["an emoji of a {}", "{}", "{} emoji"]
+    per_template = torch.stack([torch.from_numpy(encoder.encode_text([t.format(w) for t in templates]))
+                                for w in words])  # [K, T, d]
+    ensembled = encode_prompts(encoder, templates, words)
+    assert ensembled.dtype == np.float32
+    assert np.allclose(ensembled, task_embeddings(per_template).numpy(), atol=1e-6)
+    assert not np.allclose(ensembled, encoder.encode_text(words), atol=1e-2)
+    single = encode_prompts(encoder, ["the nice {}"], words)
+    assert np.array_equal(single, encoder.encode_text([f"the nice {w}" for w in words]))
+
+
+class TwoWordCorpus:
+    def candidates(self, noun_lexnames, adj_lexnames):
+        return [f"noun{i}" for i in range(40)], [f"adj{i}" for i in range(20)]
+
+
+def test_fit_prompts_labels_and_nouns_with_noun_templates_and_adjectives_with_adj_templates():
+    default = RecordingEncoder()
+    NegLabel(["red apple", "pear"], ngroup=2).fit(default, TwoWordCorpus())
+    assert default.calls[0] == ["the nice red apple", "the nice pear"]  # the reference's prompts
+    assert default.calls[1][0] == "the nice noun0" and default.calls[2][0] == "This is a adj0 photo"
+
+    emoji = RecordingEncoder()
+    detector = NegLabel(["red apple", "pear"], ngroup=2, noun_templates=["an emoji of a {}", "{}"],
+                        adj_templates="{} emoji").fit(emoji, TwoWordCorpus())
+    firsts = [call[0] for call in emoji.calls]
+    assert firsts == ["an emoji of a red apple", "red apple", "an emoji of a noun0", "noun0", "adj0 emoji"]
+    assert detector.to_json()["params"]["noun_templates"] == ["an emoji of a {}", "{}"]
+    assert detector.to_json()["params"]["adj_templates"] == ["{} emoji"]
+
+
+def test_templates_without_one_placeholder_are_refused_naming_the_parameter():
+    with pytest.raises(ValueError, match=r"adj_templates: each must contain exactly one '\{\}'; got \['\{\} \{\}'\]"):
+        NegLabel(["a"], adj_templates=["{}", "{} {}"])
+    with pytest.raises(ValueError, match="noun_templates"):
+        NegLabel(["a"], noun_templates=[])

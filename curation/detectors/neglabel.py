@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
 from curation.progress import Progress
-from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, fill
+from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, encode_prompts, resolve_templates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,21 +92,31 @@ def neglabel_scores(image_emb, id_emb, neg_emb, temperature: float = 0.01, ngrou
 
 class NegLabel(Detector):
     """NegLabel detector. side="wanted": task texts are the ID labels, unwanted = 1 - ID-ness.
-    side="unwanted": task texts describe the concept to remove, unwanted = its ID-ness."""
+    side="unwanted": task texts describe the concept to remove, unwanted = its ID-ness.
+
+    `noun_templates` (ID labels and negative nouns) and `adj_templates` (negative adjectives)
+    default to the reference's one photo template each. A list ensembles the templates
+    (`encode_prompts`): for images that are not photos, prompts in the words the model was trained
+    on measure better (README, "emoji-clip v2": the demo configs use emoji phrasings)."""
 
     kind = "neglabel"
     corpus_kind = "wordnet"
-    params = ("percentile", "fraction", "temperature", "ngroup", "seed", "noun_lexnames", "adj_lexnames")
+    params = ("percentile", "fraction", "temperature", "ngroup", "seed", "noun_lexnames", "adj_lexnames",
+              "noun_templates", "adj_templates")
 
     def __init__(self, task_texts: Sequence[str], side: str = "wanted", name: str | None = None,
                  threshold: float | None = None, percentile: float = 0.95, fraction: float = 0.15,
                  temperature: float = 0.01, ngroup: int = 100, seed: int = 0,
-                 noun_lexnames: Sequence[str] | None = None, adj_lexnames: Sequence[str] | None = None):
+                 noun_lexnames: Sequence[str] | None = None, adj_lexnames: Sequence[str] | None = None,
+                 noun_templates: str | Sequence[str] = NEGLABEL_NOUN_TEMPLATE,
+                 adj_templates: str | Sequence[str] = NEGLABEL_ADJ_TEMPLATE):
         super().__init__(task_texts, side, name, threshold)
         self.percentile, self.fraction, self.temperature = percentile, fraction, temperature
         self.ngroup, self.seed = ngroup, seed
         self.noun_lexnames = list(noun_lexnames) if noun_lexnames is not None else None
         self.adj_lexnames = list(adj_lexnames) if adj_lexnames is not None else None
+        self.noun_templates = resolve_templates(noun_templates, "noun_templates")
+        self.adj_templates = resolve_templates(adj_templates, "adj_templates")
 
     def fit(self, encoder, corpus: "WordNetCorpus") -> "NegLabel":
         """Encode ID labels and the WordNet candidates this detector's lexnames select from
@@ -116,12 +126,13 @@ class NegLabel(Detector):
         nouns, adjs = corpus.candidates(
             tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
             tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
-        log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns and %d adjectives",
-                 self.name, len(self.task_texts), len(nouns), len(adjs))
+        log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns (%d templates) and %d "
+                 "adjectives (%d templates)", self.name, len(self.task_texts), len(nouns),
+                 len(self.noun_templates), len(adjs), len(self.adj_templates))
         return self.fit_embeddings(
-            encoder.encode_text(fill(NEGLABEL_NOUN_TEMPLATE, self.task_texts)),
-            encoder.encode_text(fill(NEGLABEL_NOUN_TEMPLATE, nouns)),
-            encoder.encode_text(fill(NEGLABEL_ADJ_TEMPLATE, adjs)) if adjs else [],
+            encode_prompts(encoder, self.noun_templates, self.task_texts),
+            encode_prompts(encoder, self.noun_templates, nouns),
+            encode_prompts(encoder, self.adj_templates, adjs) if adjs else [],
             nouns, adjs, encoder.identity)
 
     def fit_embeddings(self, id_emb, noun_emb, adj_emb, nouns: Sequence[str], adjs: Sequence[str],
