@@ -28,9 +28,9 @@ import synthetic_runs  # noqa: E402
 from _common import peak_rss_mb, write  # noqa: E402
 from curate_throughput import write_images  # noqa: E402
 
-DETECTORS = ("detectors=[{kind: mcm, name: mcm, task_texts: [a], threshold: {value: 0.5}}, "
-             "{kind: mcm, name: neg, task_texts: [b], threshold: {value: 0.55}}, "
-             "{kind: mcm, name: hftt, task_texts: [c], threshold: {value: 0.6}}]")
+DETECTORS = ("detectors=[{kind: mcm, name: mcm, task_texts: [a, a2], threshold: {value: 0.5}}, "
+             "{kind: mcm, name: neg, task_texts: [b, b2], threshold: {value: 0.55}}, "
+             "{kind: mcm, name: hftt, task_texts: [c, c2], threshold: {value: 0.6}}]")
 
 
 def folder_size(folder: Path) -> tuple[int, int]:

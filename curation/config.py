@@ -411,8 +411,8 @@ def _check_constructs(det: DetectorConfig, where: str) -> None:
 
     try:
         Detector.registry[det.kind](det.task_texts, side=det.side, name=det.label, **det.params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def _finalize_detectors(config: RunConfig, base: Path) -> RunConfig:

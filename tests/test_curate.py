@@ -274,7 +274,8 @@ def test_two_actors_with_fractional_cpus_finish(make_config, tmp_path):
     ("source.format=tiff", "source.format: 'tiff' is not one of"),
     ("detectors.0.params.ngroups=3", "detectors[0].params: unknown parameter(s) ['ngroups']"),
     ("detectors.0.params.noun_templates=['an emoji of a {}', emoji]",
-     "detectors[0]: noun_templates: each must contain exactly one '{}'; got ['emoji']"),
+     "detectors[0]: noun_templates: each must contain exactly one '{}' (quote templates in YAML: "
+     "'{} emoji'); got ['emoji']"),
     ("detectors.2.task_texts=[apple]", "detectors[2]: MCM needs at least two task texts"),
 ])
 def test_config_errors_name_the_field(make_config, override, field):

@@ -130,7 +130,17 @@ def test_fit_prompts_labels_and_nouns_with_noun_templates_and_adjectives_with_ad
 
 
 def test_templates_without_one_placeholder_are_refused_naming_the_parameter():
-    with pytest.raises(ValueError, match=r"adj_templates: each must contain exactly one '\{\}'; got \['\{\} \{\}'\]"):
+    with pytest.raises(ValueError, match=r"adj_templates: each must contain exactly one '\{\}' .*; got \['\{\} \{\}'\]"):
         NegLabel(["a"], adj_templates=["{}", "{} {}"])
     with pytest.raises(ValueError, match="noun_templates"):
         NegLabel(["a"], noun_templates=[])
+    with pytest.raises(TypeError, match="noun_templates: expected a template or a list of them, got None"):
+        NegLabel(["a"], noun_templates=None)
+
+
+def test_a_named_template_set_stays_a_name_until_fit():
+    detector = NegLabel(["a"], noun_templates="imagenet80", ngroup=2)
+    assert detector.to_json()["params"]["noun_templates"] == "imagenet80"  # not 80 strings in every artifact
+    encoder = RecordingEncoder()
+    detector.fit(encoder, TwoWordCorpus())
+    assert len(encoder.calls) == 80 + 80 + 1 and encoder.calls[0] == ["a bad photo of a a."]

@@ -24,8 +24,8 @@ from images import write_rgb_images
 from synthetic_runs import write_run
 
 HOSTILE = '<script>alert("x")&amp.png'  # a real file name: ids come from hostile datasets
-DETECTORS = ("detectors=[{kind: mcm, name: mcm, task_texts: [a]}, "
-             "{kind: mcm, name: other, task_texts: [b], threshold: {value: 0.4}}]")
+DETECTORS = ("detectors=[{kind: mcm, name: mcm, task_texts: [a, a2]}, "
+             "{kind: mcm, name: other, task_texts: [b, b2], threshold: {value: 0.4}}]")
 
 
 def _config(tmp_path: Path, source: str, *overrides: str):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
 from curation.progress import Progress
-from curation.text.templates import HFTT_WORLD_TEMPLATE, fill, resolve_templates
+from curation.text.templates import HFTT_WORLD_TEMPLATE, checked_templates, fill, resolve_templates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -210,7 +210,7 @@ class HFTT(Detector):
                  n_trainable: int = 10, temperature: float = 0.01, focal: float = 1.0, lr: float = 1.0,
                  momentum: float = 0.9, batch_size: int = 256, epochs: int = 1, seed: int = 0):
         super().__init__(task_texts, side, name, threshold)
-        self.templates = templates if isinstance(templates, str) else list(templates)
+        self.templates = checked_templates(templates)
         self.n_trainable, self.temperature, self.focal = n_trainable, temperature, focal
         self.lr, self.momentum, self.batch_size, self.epochs, self.seed = lr, momentum, batch_size, epochs, seed
         if n_trainable < 1:

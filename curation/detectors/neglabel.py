@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
 from curation.progress import Progress
-from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, encode_prompts, resolve_templates
+from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, checked_templates, encode_prompts, resolve_templates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -95,9 +95,9 @@ class NegLabel(Detector):
     side="unwanted": task texts describe the concept to remove, unwanted = its ID-ness.
 
     `noun_templates` (ID labels and negative nouns) and `adj_templates` (negative adjectives)
-    default to the reference's one photo template each. A list ensembles the templates
+    default to the reference's one template each ("the nice {}", "This is a {} photo"). A list ensembles the templates
     (`encode_prompts`): for images that are not photos, prompts in the words the model was trained
-    on measure better (README, "emoji-clip v2": the demo configs use emoji phrasings)."""
+    on measure better (README, "emoji-clip v2", Prompts: the emoji evaluation configs)."""
 
     kind = "neglabel"
     corpus_kind = "wordnet"
@@ -115,8 +115,8 @@ class NegLabel(Detector):
         self.ngroup, self.seed = ngroup, seed
         self.noun_lexnames = list(noun_lexnames) if noun_lexnames is not None else None
         self.adj_lexnames = list(adj_lexnames) if adj_lexnames is not None else None
-        self.noun_templates = resolve_templates(noun_templates, "noun_templates")
-        self.adj_templates = resolve_templates(adj_templates, "adj_templates")
+        self.noun_templates = checked_templates(noun_templates, "noun_templates")
+        self.adj_templates = checked_templates(adj_templates, "adj_templates")
 
     def fit(self, encoder, corpus: "WordNetCorpus") -> "NegLabel":
         """Encode ID labels and the WordNet candidates this detector's lexnames select from
@@ -126,13 +126,15 @@ class NegLabel(Detector):
         nouns, adjs = corpus.candidates(
             tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
             tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
+        noun_templates = resolve_templates(self.noun_templates, "noun_templates")
+        adj_templates = resolve_templates(self.adj_templates, "adj_templates")
         log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns (%d templates) and %d "
                  "adjectives (%d templates)", self.name, len(self.task_texts), len(nouns),
-                 len(self.noun_templates), len(adjs), len(self.adj_templates))
+                 len(noun_templates), len(adjs), len(adj_templates))
         return self.fit_embeddings(
-            encode_prompts(encoder, self.noun_templates, self.task_texts),
-            encode_prompts(encoder, self.noun_templates, nouns),
-            encode_prompts(encoder, self.adj_templates, adjs) if adjs else [],
+            encode_prompts(encoder, noun_templates, self.task_texts),
+            encode_prompts(encoder, noun_templates, nouns),
+            encode_prompts(encoder, adj_templates, adjs) if adjs else [],
             nouns, adjs, encoder.identity)
 
     def fit_embeddings(self, id_emb, noun_emb, adj_emb, nouns: Sequence[str], adjs: Sequence[str],

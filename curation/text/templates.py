@@ -25,11 +25,23 @@ def resolve_templates(templates: str | Sequence[str], field: str = "templates") 
     name `field`, the parameter the templates came from."""
     if templates == "imagenet80":
         return imagenet_templates()
+    if not isinstance(templates, (str, list, tuple)):
+        raise TypeError(f"{field}: expected a template or a list of them, got {templates!r}")
     templates = [templates] if isinstance(templates, str) else list(templates)
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if not templates or bad:
-        raise ValueError(f"{field}: each must contain exactly one '{{}}'; got {bad or templates!r}")
+        raise ValueError(f"{field}: each must contain exactly one '{{}}' (quote templates in YAML: "
+                         f"'{{}} emoji'); got {bad or templates!r}")
     return templates
+
+
+def checked_templates(templates: str | Sequence[str], field: str = "templates") -> str | list[str]:
+    """Validate templates when a detector is built (at config load) and return them as given, for
+    its params: `"imagenet80"` stays a name, neither expanded into 80 strings in every artifact
+    and MLflow param nor importing open_clip before a model is needed (`resolve_templates` at fit)."""
+    if templates == "imagenet80":
+        return templates
+    return resolve_templates(templates, field)
 
 
 def fill(template: str, words: Sequence[str]) -> list[str]:
@@ -42,8 +54,9 @@ def encode_prompts(encoder, templates: Sequence[str], words: Sequence[str]) -> n
     templates' rows at once, since NegLabel ensembles ~70k WordNet words). One `encode_text` call
     per template, so a text cache keeps each template's rows apart and reuses them across sets.
 
-    With one template the encoder's rows come back as they are: a single-template detector (the
-    reference NegLabel) computes exactly what it did before ensembles existed.
+    With one template the encoder's rows come back unchanged (as float32, which encoders already
+    return): a single-template detector (the reference NegLabel) computes exactly what it did
+    before ensembles existed.
     """
     if len(templates) == 1:
         return np.asarray(encoder.encode_text(fill(templates[0], words)), dtype=np.float32)
