@@ -130,7 +130,8 @@ def test_fit_prompts_labels_and_nouns_with_noun_templates_and_adjectives_with_ad
 
 
 def test_templates_without_one_placeholder_are_refused_naming_the_parameter():
-    with pytest.raises(ValueError, match=r"adj_templates: each must contain exactly one '\{\}' .*; got \['\{\} \{\}'\]"):
+    with pytest.raises(ValueError,
+                       match=r"adj_templates: each must contain exactly one '\{\}' .*; got \['\{\} \{\}'\]"):
         NegLabel(["a"], adj_templates=["{}", "{} {}"])
     with pytest.raises(ValueError, match="noun_templates"):
         NegLabel(["a"], noun_templates=[])

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from curation.detectors.base import Detector, as_float_tensor
 from curation.progress import Progress
-from curation.text.templates import NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, checked_templates, encode_prompts, resolve_templates
+from curation.text.templates import (NEGLABEL_ADJ_TEMPLATE, NEGLABEL_NOUN_TEMPLATE, checked_templates, encode_prompts,
+                                     resolve_templates)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -95,9 +96,9 @@ class NegLabel(Detector):
     side="unwanted": task texts describe the concept to remove, unwanted = its ID-ness.
 
     `noun_templates` (ID labels and negative nouns) and `adj_templates` (negative adjectives)
-    default to the reference's one template each ("the nice {}", "This is a {} photo"). A list ensembles the templates
-    (`encode_prompts`): for images that are not photos, prompts in the words the model was trained
-    on measure better (README, "emoji-clip v2", Prompts: the emoji evaluation configs)."""
+    default to the reference's one template each ("the nice {}", "This is a {} photo"). A list
+    ensembles the templates (`encode_prompts`): for images that are not photos, prompts in the
+    words the model was trained on measure better (README, "emoji-clip v2", Prompts: the emoji evaluation configs)."""
 
     kind = "neglabel"
     corpus_kind = "wordnet"
