@@ -98,7 +98,8 @@ class NegLabel(Detector):
     `noun_templates` (ID labels and negative nouns) and `adj_templates` (negative adjectives)
     default to the reference's one template each ("the nice {}", "This is a {} photo"). A list
     ensembles the templates (`encode_prompts`): for images that are not photos, prompts in the
-    words the model was trained on measure better (README, "emoji-clip v2", Prompts: the emoji evaluation configs)."""
+    words the model was trained on measure better (README, "emoji-clip v2", Prompts: the emoji
+    evaluation configs)."""
 
     kind = "neglabel"
     corpus_kind = "wordnet"
