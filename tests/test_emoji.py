@@ -356,3 +356,22 @@ def test_training_can_start_from_saved_image_tower_weights(full_catalog, tmp_pat
     assert float(trained["logit_scale"]) == 3.0  # the scale came from the start weights, not init_scale
     weights = [k for k in started if "running_" not in k and "num_batches" not in k]  # BatchNorm stats move
     assert weights and all(torch.equal(trained[k], started[k]) for k in weights)  # lr 0: no weight moved
+
+
+def test_semantic_targets_spread_by_caption_similarity_and_keep_row_sums():
+    import torch
+
+    from curation.emoji.train import semantic_targets
+
+    # concepts 0 and 1 have near captions, 2 is far from both, 3 is in between
+    prototypes = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 1.0], [0.7, 0.0, 0.7]]), dim=-1)
+    targets = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]])
+    assert torch.equal(semantic_targets(targets, prototypes, 0.0, 0.05), targets)
+    soft = semantic_targets(targets, prototypes, 0.5, 0.05)
+    assert torch.allclose(soft.sum(1), torch.ones(2))
+    assert soft[0].argmax() == 0 and soft[0, 0] > 0.5  # the concept itself keeps the most
+    assert soft[0, 1] > soft[0, 3] > soft[0, 2]  # then its neighbours, nearest first
+    spread = torch.softmax(prototypes[2] @ prototypes.T / 0.05, dim=-1)  # a pair row: half from each
+    expected = 0.5 * targets[1] + 0.5 * (0.5 * spread + 0.5 * torch.softmax(prototypes[3] @ prototypes.T / 0.05, -1))
+    assert torch.allclose(soft[1], expected)

@@ -20,7 +20,9 @@ Loss: every image is scored against one prototype per trained concept (its name 
 embedding, mixed with its keyword captions' mean by `name_caption_p`) and trained with a softmax
 over all of them: the large-batch limit of CLIP's image->text loss, the target split 50/50 for a
 pair image. The logit scale is learned. (`--sample-captions` instead draws one random caption per
-concept per step; on 400-step trials it named emoji less well.)
+concept per step; on 400-step trials it named emoji less well.) `--soft-share` moves part of each
+target onto the concepts with similar captions (`semantic_targets`), so that near-synonymous
+concepts ("grapes", "grape") are not pushed apart as if unrelated.
 
 Schedule: warm-up, constant, then a cosine decay over the last quarter, either of a step count
 (`--steps`) or of a time budget (`--minutes`, the decay's length set late from the speed of recent
@@ -79,6 +81,8 @@ class TrainConfig:
     name_caption_p: float = 0.6
     init_scale: float = 50.0  # caption embeddings of unrelated emoji still have cosine ~0.3-0.5
     sample_captions: bool = False  # True: a random caption per emoji per step; False: mean prototypes
+    soft_share: float = 0.0  # of each target spread over concepts by caption similarity (`semantic_targets`)
+    soft_temperature: float = 0.05  # of that spread: 0.05 keeps ~74% on the concept itself, ~90% on its top 11
     holdout_fraction: float = catalog.HOLDOUT_FRACTION
     holdout_seed: int = 0
     validation_fraction: float = 0.05  # of the trained emoji: never trained
@@ -447,6 +451,27 @@ def _autocast(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+def semantic_targets(targets: "torch.Tensor", prototypes: "torch.Tensor", share: float,
+                     temperature: float) -> "torch.Tensor":
+    """Targets (B, K) with `share` of each row moved onto the concepts whose captions are near its
+    own: (1 - share) * targets + share * targets @ softmax(P P^T / temperature), P (K, d) the
+    normalised prototypes, computed for the batch's concepts only. Rows keep their sum.
+
+    Why: with one-hot targets over ~20k concepts the loss pushes an image of grapes as far from
+    "grape" and "fruit grapes" (other icon concepts, cosine 0.91) as from "jeans", so the image
+    tower learns basins around trained concepts instead of the text tower's geometry, and an
+    unseen emoji falls into a look-alike's basin. Spreading the target by caption similarity asks
+    the image to sit where its caption's neighbourhood is (semantic label smoothing).
+    """
+    import torch
+
+    if share == 0.0:
+        return targets
+    present = torch.nonzero(targets.sum(0)).squeeze(1)
+    spread = torch.softmax(prototypes[present] @ prototypes.T / temperature, dim=-1)
+    return (1.0 - share) * targets + share * targets[:, present] @ spread
+
+
 def train_step(model, optimizer, pixels, targets, prototypes, cfg: TrainConfig) -> float:
     import torch
     import torch.nn.functional as F
@@ -457,7 +482,8 @@ def train_step(model, optimizer, pixels, targets, prototypes, cfg: TrainConfig) 
         feats = model.encode_image(pixels_to_input(pixels, model))
     feats = F.normalize(feats.float(), dim=-1)
     logits = model.logit_scale.exp() * feats @ prototypes.T
-    loss = -(torch.as_tensor(targets) * F.log_softmax(logits, dim=-1)).sum(1).mean()
+    targets = semantic_targets(torch.as_tensor(targets), prototypes, cfg.soft_share, cfg.soft_temperature)
+    loss = -(targets * F.log_softmax(logits, dim=-1)).sum(1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -890,6 +916,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=default.precision)
     parser.add_argument("--sample-captions", action="store_true",
                         help="score against one random caption per emoji per step, not mean prototypes")
+    parser.add_argument("--soft-share", type=float, default=default.soft_share,
+                        help="share of each target spread over concepts by caption similarity (0: one-hot)")
+    parser.add_argument("--soft-temperature", type=float, default=default.soft_temperature,
+                        help="temperature of that spread over prototype cosines")
     parser.add_argument("--eval-per-emoji", type=int, default=default.eval_per_emoji)
     parser.add_argument("--checkpoint-dir", default=None,
                         help="with --steps: save/resume here; the best checkpoint by validation is kept")
@@ -909,7 +939,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, decay_start=args.decay_start,
                        seed=args.seed, batch_size=args.batch_size, lr=args.lr, init_scale=args.init_scale,
                        workers=args.workers, threads=args.threads, precision=args.precision,
-                       sample_captions=args.sample_captions, eval_per_emoji=args.eval_per_emoji,
+                       sample_captions=args.sample_captions, soft_share=args.soft_share,
+                       soft_temperature=args.soft_temperature, eval_per_emoji=args.eval_per_emoji,
                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                        init_from=args.init_from, emoji_fraction=args.emoji_fraction,
                        fold_icons=not args.no_fold_icons,
