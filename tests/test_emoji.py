@@ -375,3 +375,56 @@ def test_semantic_targets_spread_by_caption_similarity_and_keep_row_sums():
     spread = torch.softmax(prototypes[2] @ prototypes.T / 0.05, dim=-1)  # a pair row: half from each
     expected = 0.5 * targets[1] + 0.5 * (0.5 * spread + 0.5 * torch.softmax(prototypes[3] @ prototypes.T / 0.05, -1))
     assert torch.allclose(soft[1], expected)
+
+
+def test_soup_averages_runs_from_one_start_and_records_how_to_reproduce_them(full_catalog, tmp_path, monkeypatch):
+    import torch
+
+    from curation.emoji import model as emoji_model
+    from curation.emoji import soup, train
+
+    monkeypatch.setenv("CURATION_CACHE", str(tmp_path / "cache"))
+    subset = [e for e in full_catalog if e.subgroup in ("fruit-food", "face-smiling")]
+
+    def run(name: str, seed: int, init_from=None):
+        cfg = train.TrainConfig(out=str(tmp_path / f"{name}.safetensors"), steps=1, batch_size=4, workers=0,
+                                warmup_steps=1, lr=0.05, seed=seed, vision_cfg=TINY_VISION, emoji_sets=(),
+                                icon_sets=(), init_from=init_from)
+        train.train(cfg, [f"train {name}"], emojis=subset)
+        return cfg.out
+
+    base = run("base", 0)
+    ingredients = [base, run("a", 1, base), run("b", 2, base)]
+    split = train.TrainConfig(vision_cfg=TINY_VISION, emoji_sets=(), icon_sets=())
+    sidecar = soup.make_soup(ingredients, base, tmp_path / "soup.safetensors", ["soup"], split, subset)
+
+    stored, _ = emoji_model.read_image_tower(tmp_path / "soup.safetensors")
+    towers = [emoji_model.read_image_tower(p)[0] for p in ingredients]
+    moved = [k for k in stored if stored[k].is_floating_point() and not torch.equal(towers[1][k], towers[2][k])]
+    assert moved  # the two fine-tunes differ, so the mean is not any one of them
+    for key, tensor in stored.items():
+        if tensor.is_floating_point():
+            mean = (towers[0][key].float() + towers[1][key].float() + towers[2][key].float()) / 3
+            assert torch.equal(tensor, mean.half()), key
+        else:
+            assert torch.equal(tensor, towers[0][key]), key
+    assert sidecar["base_sha256"] == emoji_model.file_sha256(base)
+    assert [i["weights_sha256"] for i in sidecar["ingredients"]] == [emoji_model.file_sha256(p) for p in ingredients]
+    assert sidecar["reproduce"] == [i["reproduce"] for i in sidecar["ingredients"]] + ["soup"]
+    assert sidecar["weights_sha256"] == emoji_model.file_sha256(tmp_path / "soup.safetensors")
+    assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out"}
+    loaded, _, _ = emoji_model.build_emoji_clip("cpu", tmp_path / "soup.safetensors")  # loads like any weights
+    assert loaded.visual.attnpool.c_proj.weight.shape[0] == emoji_model.EMBED_DIM
+
+    scratch = run("scratch", 3)  # trained from random weights, not from the base
+    with pytest.raises(ValueError, match="not from the base"):
+        soup.make_soup([base, scratch], base, tmp_path / "bad.safetensors", cfg=split, emojis=subset)
+    assert not (tmp_path / "bad.safetensors").exists()
+    wider, _, _, _ = emoji_model.create_emoji_clip("cpu", {**TINY_VISION, "width": 16})
+    other = emoji_model.save_image_tower(wider, tmp_path / "wider.safetensors")
+    with pytest.raises(ValueError, match="cannot be averaged"):
+        soup.average_towers([base, other])
+    with pytest.raises(FileNotFoundError, match="sidecar"):
+        soup.make_soup([base, other], base, tmp_path / "bad.safetensors", cfg=split, emojis=subset)
+    with pytest.raises(ValueError, match="at least two"):
+        soup.average_towers([base])

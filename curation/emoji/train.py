@@ -575,7 +575,7 @@ def _topk(ranks: np.ndarray) -> dict:
 
 # ------------------------------------------------------------------------------------------- run
 
-def _versions() -> dict:
+def software_versions() -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
@@ -636,7 +636,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
                "weights_bytes": weights.stat().st_size,
                "init_from_sha256": init_sha256,
                "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
-               "versions": _versions(), "wall_seconds": round(time.time() - started, 1),
+               "versions": software_versions(), "wall_seconds": round(time.time() - started, 1),
                "reproduce": _reproduce_command(command, loop)}
     weights.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     log.info("naming: %s", json.dumps({s: r.get("all") for s, r in report["naming"].items()}))
