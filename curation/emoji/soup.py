@@ -2,14 +2,14 @@
 
 Why: runs fine-tuned from the same weights stay in one basin of the loss, so the plain mean of
 their tensors is itself a good model and often generalises better than each run alone (Wortsman et
-al., "Model soups", ICML 2022); the README's "emoji-clip v2" section has what it did here.
-Averaging towers trained from different starts gives
-noise, so every ingredient must be the base itself or name the base as its `--init-from`
-(`init_from_sha256` in its sidecar). BatchNorm statistics are averaged like the weights;
-re-estimating them on training renders scored lower on the icon validation, so that is not done.
+al., "Model soups", ICML 2022); emoji-clip v2 is such a mean (README, "emoji-clip v2", stage 3).
+Averaging towers trained from different starts gives noise, so every ingredient must be the base
+itself or name the base as its `--init-from` (`init_from_sha256` in its sidecar). BatchNorm
+statistics are averaged like the weights: re-estimating them on training renders scored lower on
+the icon validation.
 
-    python -m curation.emoji.soup --base curation/emoji/weights/emoji-clip-v2.safetensors \\
-        --out soup/emoji-clip-v2.safetensors v2.safetensors run-b.safetensors run-s.safetensors
+    python -m curation.emoji.soup --base stage2.safetensors --out curation/emoji/weights/emoji-clip-v2.safetensors \\
+        stage2.safetensors smooth-a.safetensors smooth-b.safetensors
 
 Each ingredient's sidecar (the `.json` beside it, with its command and schedule) is copied into
 the soup's sidecar, so the soup is reproduced by rerunning those commands and this one.
