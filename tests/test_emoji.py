@@ -400,8 +400,8 @@ def test_soup_averages_runs_from_one_start_and_records_how_to_reproduce_them(ful
 
     stored, _ = emoji_model.read_image_tower(tmp_path / "soup.safetensors")
     towers = [emoji_model.read_image_tower(p)[0] for p in ingredients]
-    moved = [k for k in stored if stored[k].is_floating_point() and not torch.equal(towers[1][k], towers[2][k])]
-    assert moved  # the two fine-tunes differ, so the mean is not any one of them
+    for tower in towers:  # the mean is none of its ingredients
+        assert any(not torch.equal(stored[k], tower[k]) for k in stored if stored[k].is_floating_point())
     for key, tensor in stored.items():
         if tensor.is_floating_point():
             mean = (towers[0][key].float() + towers[1][key].float() + towers[2][key].float()) / 3
@@ -410,15 +410,23 @@ def test_soup_averages_runs_from_one_start_and_records_how_to_reproduce_them(ful
             assert torch.equal(tensor, towers[0][key]), key
     assert sidecar["base_sha256"] == emoji_model.file_sha256(base)
     assert [i["weights_sha256"] for i in sidecar["ingredients"]] == [emoji_model.file_sha256(p) for p in ingredients]
+    assert [i["given_as"] for i in sidecar["ingredients"]] == [str(p) for p in ingredients]
     assert sidecar["reproduce"] == [i["reproduce"] for i in sidecar["ingredients"]] + ["soup"]
     assert sidecar["weights_sha256"] == emoji_model.file_sha256(tmp_path / "soup.safetensors")
     assert set(sidecar["eval"]["naming"]) == {"trained", "validation", "held_out"}
-    loaded, _, _ = emoji_model.build_emoji_clip("cpu", tmp_path / "soup.safetensors")  # loads like any weights
-    assert loaded.visual.attnpool.c_proj.weight.shape[0] == emoji_model.EMBED_DIM
+    emoji_model.build_emoji_clip("cpu", tmp_path / "soup.safetensors")  # loads like any weights file
+    # an ingredient made in stages brings the earlier stages' commands, oldest first; a soup's list is kept
+    staged = {"lineage": {"stages": [{"command": "stage 1", "reproduce": "stage 1 exactly"}]},
+              "command": ["stage", "2"], "reproduce": None}
+    assert soup.commands_behind(staged) == ["stage 1 exactly", "stage 2"]
+    assert soup.commands_behind(sidecar) == sidecar["reproduce"]
 
     scratch = run("scratch", 3)  # trained from random weights, not from the base
-    with pytest.raises(ValueError, match="not from the base"):
+    with pytest.raises(ValueError, match="random weights.*not from the base"):
         soup.make_soup([base, scratch], base, tmp_path / "bad.safetensors", cfg=split, emojis=subset)
+    with pytest.raises(ValueError, match="listed twice"):
+        soup.make_soup([base, ingredients[1], ingredients[1]], base, tmp_path / "bad.safetensors", cfg=split,
+                       emojis=subset)
     assert not (tmp_path / "bad.safetensors").exists()
     wider, _, _, _ = emoji_model.create_emoji_clip("cpu", {**TINY_VISION, "width": 16})
     other = emoji_model.save_image_tower(wider, tmp_path / "wider.safetensors")

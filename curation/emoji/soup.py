@@ -6,13 +6,16 @@ al., "Model soups", ICML 2022); emoji-clip v2 is such a mean (README, "emoji-cli
 Averaging towers trained from different starts gives noise, so every ingredient must be the base
 itself or name the base as its `--init-from` (`init_from_sha256` in its sidecar). BatchNorm
 statistics are averaged like the weights: re-estimating them on training renders scored lower on
-the icon validation.
+the icon validation (measured on a three-run soup).
 
     python -m curation.emoji.soup --base stage2.safetensors --out curation/emoji/weights/emoji-clip-v2.safetensors \\
         stage2.safetensors smooth-a.safetensors smooth-b.safetensors
 
 Each ingredient's sidecar (the `.json` beside it, with its command and schedule) is copied into
-the soup's sidecar, so the soup is reproduced by rerunning those commands and this one.
+the soup's sidecar, whose `reproduce` lists every command behind the soup, oldest first (earlier
+stages from an ingredient's `lineage`, then the ingredients', then this one). Paths are as they
+were when each command ran: an `--init-from` may name a file that held other weights then, and the
+recorded hashes (`init_from_sha256`, `weights_sha256`) say which.
 """
 
 from __future__ import annotations
@@ -74,13 +77,27 @@ def check_common_start(paths: Sequence[str | Path], base: str | Path) -> str:
     from curation.storage import file_sha256
 
     base_sha = file_sha256(base)
-    for path in paths:
+    seen: dict[str, str] = {}
+    for path in map(str, paths):
         sha = file_sha256(path)
+        if sha in seen:
+            raise ValueError(f"{path} holds the same weights as {seen[sha]}: an ingredient listed twice "
+                             "would count twice in the mean")
+        seen[sha] = path
         started = ingredient_sidecar(path).get("init_from_sha256")
         if base_sha not in (sha, started):
-            raise ValueError(f"{path} was trained from {started or 'scratch'}, not from the base {base} "
-                             f"({base_sha[:16]}): only runs fine-tuned from one start can be averaged")
+            start = f"weights {started[:16]}" if started else "random weights (or its sidecar does not say)"
+            raise ValueError(f"{path} was trained from {start}, not from the base {base} ({base_sha[:16]}): "
+                             "only runs fine-tuned from one start can be averaged")
     return base_sha
+
+
+def commands_behind(sidecar: dict) -> list[str]:
+    """Every command that made a weights file, oldest first: the stages of its `lineage`, then its
+    own (`reproduce`, or `command`); a soup's sidecar already holds such a list."""
+    stages = sidecar.get("lineage", {}).get("stages", [])
+    own = sidecar.get("reproduce") or " ".join(sidecar["command"])
+    return [stage.get("reproduce") or stage["command"] for stage in stages] + (own if isinstance(own, list) else [own])
 
 
 def make_soup(ingredients: Sequence[str | Path], base: str | Path, out: str | Path, command: Sequence[str] = (),
@@ -96,7 +113,7 @@ def make_soup(ingredients: Sequence[str | Path], base: str | Path, out: str | Pa
     started = time.time()
     ingredients = [str(p) for p in ingredients]
     base_sha = check_common_start(ingredients, base)
-    recorded = [{"weights": path, **ingredient_sidecar(path)} for path in ingredients]  # before `out` may replace one
+    recorded = [{**ingredient_sidecar(path), "given_as": path} for path in ingredients]  # before `out` may replace one
     model, _, _ = build_emoji_clip("cpu", ingredients[0])
     model.load_state_dict(average_towers(ingredients), strict=False)
     out = save_image_tower(model, out, {"command": " ".join(command), "ingredients": str(len(ingredients))})
@@ -108,7 +125,7 @@ def make_soup(ingredients: Sequence[str | Path], base: str | Path, out: str | Pa
                "weights_bytes": Path(out).stat().st_size,
                "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
                "versions": software_versions(), "wall_seconds": round(time.time() - started, 1),
-               "reproduce": [r.get("reproduce") or " ".join(r["command"]) for r in recorded] + [" ".join(command)]}
+               "reproduce": list(dict.fromkeys(c for r in recorded for c in commands_behind(r))) + [" ".join(command)]}
     Path(out).with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
