@@ -46,13 +46,13 @@ def average_towers(paths: Sequence[str | Path]) -> dict[str, "torch.Tensor"]:
         raise ValueError(f"a soup needs at least two ingredients, got {len(paths)}")
     first, first_meta = read_image_tower(paths[0])
     sums = {k: v.float() if v.is_floating_point() else v.clone() for k, v in first.items()}
+    expected = {k: tuple(v.shape) for k, v in first.items()}
     for path in paths[1:]:
         tensors, meta = read_image_tower(path)
         if meta.get("vision_cfg") != first_meta.get("vision_cfg"):
             raise ValueError(f"{path} has image tower {meta.get('vision_cfg')}, "
                              f"{paths[0]} has {first_meta.get('vision_cfg')}: they cannot be averaged")
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        expected = {k: tuple(v.shape) for k, v in first.items()}
         if shapes != expected:
             differ = sorted(k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
             raise ValueError(f"{path} does not match {paths[0]}: tensors {differ[:5]} differ")
@@ -72,19 +72,20 @@ def ingredient_sidecar(path: str | Path) -> dict:
     return json.loads(sidecar.read_text())
 
 
-def check_common_start(paths: Sequence[str | Path], base: str | Path) -> str:
-    """The base's sha256, after checking that every ingredient is the base or was trained from it."""
+def check_common_start(paths: Sequence[str | Path], sidecars: Sequence[dict], base: str | Path) -> str:
+    """The base's sha256, after checking that every ingredient (its weights file and its
+    `ingredient_sidecar`) is the base or was trained from it."""
     from curation.storage import file_sha256
 
     base_sha = file_sha256(base)
     seen: dict[str, str] = {}
-    for path in map(str, paths):
+    for path, sidecar in zip(map(str, paths), sidecars):
         sha = file_sha256(path)
         if sha in seen:
             raise ValueError(f"{path} holds the same weights as {seen[sha]}: an ingredient listed twice "
                              "would count twice in the mean")
         seen[sha] = path
-        started = ingredient_sidecar(path).get("init_from_sha256")
+        started = sidecar.get("init_from_sha256")
         if base_sha not in (sha, started):
             start = f"weights {started[:16]}" if started else "random weights (or its sidecar does not say)"
             raise ValueError(f"{path} was trained from {start}, not from the base {base} ({base_sha[:16]}): "
@@ -112,8 +113,9 @@ def make_soup(ingredients: Sequence[str | Path], base: str | Path, out: str | Pa
 
     started = time.time()
     ingredients = [str(p) for p in ingredients]
-    base_sha = check_common_start(ingredients, base)
-    recorded = [{**ingredient_sidecar(path), "given_as": path} for path in ingredients]  # before `out` may replace one
+    sidecars = [ingredient_sidecar(path) for path in ingredients]  # read before `out` may replace one
+    base_sha = check_common_start(ingredients, sidecars, base)
+    recorded = [{**sidecar, "given_as": path} for path, sidecar in zip(ingredients, sidecars)]
     model, _, _ = build_emoji_clip("cpu", ingredients[0])
     model.load_state_dict(average_towers(ingredients), strict=False)
     out = save_image_tower(model, out, {"command": " ".join(command), "ingredients": str(len(ingredients))})
