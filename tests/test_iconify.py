@@ -8,6 +8,7 @@ Needs the npm packages that .ci/setup installs under $CURATION_NPM_PREFIX (`@ico
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -153,8 +154,14 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
 
     from curation.emoji import train
 
+    from curation.emoji.model import create_emoji_clip, save_image_tower
+    from curation.storage import file_sha256
+
     subset = [e for e in full_catalog if e.subgroup in ("fruit-food", "face-smiling", "tool")]
-    whole = _tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "whole"))
+    init = tmp_path / "init.safetensors"  # both runs start from the same weights file
+    save_image_tower(create_emoji_clip("cpu", TINY_VISION)[0], init, {})
+    started_from = file_sha256(init)
+    whole = _tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "whole"), init_from=str(init))
     sidecar = train.train(whole, ["test"], emojis=subset)
     assert [h["step"] for h in sidecar["train"]["validation"]] == [2, 4]
     assert sidecar["train"]["chosen"]["step"] in (2, 4)
@@ -163,7 +170,8 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     assert 0.0 <= sidecar["eval"]["validation_icon_naming_top1"] <= 1.0  # the icon validation chose
 
     # a run killed right after its step-2 checkpoint, then started again with the same arguments
-    split = _tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), out=str(tmp_path / "s" / "t.safetensors"))
+    split = _tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), out=str(tmp_path / "s" / "t.safetensors"),
+                         init_from=str(init))
     original = train.Checkpoints.save
 
     def save_then_die(self, model, optimizer, step):
@@ -174,9 +182,19 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train.train(split, ["test"], emojis=subset)
     monkeypatch.setattr(train.Checkpoints, "save", original)
+    # meanwhile the start file is replaced (as when a run's output becomes the committed weights),
+    # and the checkpoint is made to look like one written before the soft-target fields existed
+    shutil.copy(tmp_path / "w" / "tiny.safetensors", init)
+    assert file_sha256(init) != started_from
+    last = tmp_path / "split" / "last.pt"
+    stored = torch.load(last, weights_only=True)
+    older = json.loads(stored["config"])
+    del older["soft_share"], older["soft_temperature"]
+    torch.save({**stored, "config": json.dumps(older)}, last)
     resumed = train.train(split, ["test"], emojis=subset)
     assert [s["from_step"] for s in resumed["train"]["segments"]] == [0, 2]
     assert resumed["train"]["steps_done"] == 4
+    assert sidecar["init_from_sha256"] == resumed["init_from_sha256"] == started_from  # not the new file's
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for key, tensor in a["trained"].items():
@@ -184,6 +202,13 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     assert json.loads(a["state"])["losses"] == json.loads(b["state"])["losses"]
 
     with pytest.raises(ValueError, match=r"\['lr'\]"):
-        train.train(_tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), lr=1e-3), ["test"], emojis=subset)
+        train.train(_tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), lr=1e-3, init_from=str(init)),
+                    ["test"], emojis=subset)
+    # a field the checkpoint predates counts as its default, so another value is still refused
+    stored = torch.load(last, weights_only=True)
+    torch.save({**stored, "config": json.dumps(older)}, last)
+    with pytest.raises(ValueError, match=r"\['soft_share'\]"):
+        train.train(_tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), soft_share=0.3,
+                                 init_from=str(init)), ["test"], emojis=subset)
     with pytest.raises(ValueError, match="needs --steps"):
         train.train(_tiny_config(tmp_path, steps=None, checkpoint_dir=str(tmp_path / "x")), ["test"], emojis=subset)

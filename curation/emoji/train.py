@@ -626,7 +626,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     model.text.eval()  # locked: no dropout in the frozen tower (its outputs are precomputed anyway)
     optimizer = _optimizer(model, cfg)
     candidates = emojis if emojis is not None else catalog.load_catalog()
-    checkpoints = Checkpoints(cfg, Validation(model, tokenizer, candidates, data, cfg))
+    checkpoints = Checkpoints(cfg, Validation(model, tokenizer, candidates, data, cfg), init_sha256)
     loop = _run_loop(model, optimizer, bank, data, cfg, checkpoints)
     checkpoints.load_best(model)
     weights = _save(model, cfg, loop, command)
@@ -634,7 +634,7 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     sidecar = {"command": list(command), "config": asdict(cfg), "data": data.stats(), "train": loop,
                "eval": report, "weights": str(weights), "weights_sha256": emoji_model.file_sha256(weights),
                "weights_bytes": weights.stat().st_size,
-               "init_from_sha256": init_sha256,
+               "init_from_sha256": checkpoints.state["init_from_sha256"],
                "image_tower_params": sum(p.numel() for p in model.visual.parameters()),
                "versions": software_versions(), "wall_seconds": round(time.time() - started, 1),
                "reproduce": _reproduce_command(command, loop)}
@@ -693,14 +693,18 @@ class Checkpoints:
     weights by validation (`best.safetensors`) under `cfg.checkpoint_dir`.
 
     `last.pt` holds tensors, numbers and strings only and is read with `weights_only=True`. A run
-    resumes only into the same schedule fields (`TrainConfig.schedule_fields`). Without a
+    resumes only into the same schedule fields (`TrainConfig.schedule_fields`); a field the
+    checkpoint predates counts as its default, which is what runs did before the field existed.
+    The state keeps the hash of the `--init-from` file the run started from: a resumed run no
+    longer reads those tensors, and the file at that path may have been replaced since. Without a
     checkpoint directory nothing is saved and the final weights are used.
     """
 
-    def __init__(self, cfg: TrainConfig, validate: Validation):
+    def __init__(self, cfg: TrainConfig, validate: Validation, init_from_sha256: str | None):
         self.cfg, self.validate = cfg, validate
         self.directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        self.state = {"step": 0, "losses": [], "history": [], "segments": [], "best": None}
+        self.state = {"step": 0, "losses": [], "history": [], "segments": [], "best": None,
+                      "init_from_sha256": init_from_sha256}
 
     @property
     def last(self) -> Path | None:
@@ -713,15 +717,20 @@ class Checkpoints:
         if self.last is None or not self.last.is_file():
             return self.state
         stored = torch.load(self.last, map_location="cpu", weights_only=True)
-        wanted = json.dumps(self.cfg.schedule_fields(), sort_keys=True)
-        if stored["config"] != wanted:
-            mine, theirs = json.loads(wanted), json.loads(stored["config"])
-            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        # through JSON both sides, so that tuples and lists compare equal
+        mine = json.loads(json.dumps(self.cfg.schedule_fields()))
+        theirs = {**json.loads(json.dumps(TrainConfig().schedule_fields())), **json.loads(stored["config"])}
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
             raise ValueError(f"{self.last} belongs to another schedule (fields {differ} differ); "
                              "resume with the same arguments or use another --checkpoint-dir")
         model.load_state_dict(stored["trained"], strict=False)
         optimizer.load_state_dict(stored["optimizer"])
-        self.state = json.loads(stored["state"])
+        started_from = self.state["init_from_sha256"]
+        self.state = {"init_from_sha256": started_from, **json.loads(stored["state"])}  # older: no hash kept
+        if self.state["init_from_sha256"] != started_from:
+            log.warning("%s has changed since this run started from it; the sidecar keeps the hash the "
+                        "run started from (%s)", self.cfg.init_from, self.state["init_from_sha256"])
         log.info("resumed from %s at step %d (best validation %s)", self.last, self.state["step"],
                  self.state["best"])
         return self.state
