@@ -3,6 +3,7 @@ and checked before reuse."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,46 @@ def test_corpus_edited_in_place_is_refitted(make_config, tmp_path):
     artifacts, reused = cache.fitted_detectors(cfg)
     assert reused == {"hftt": False}
     assert json.loads(artifacts[0][ARTIFACT_JSON])["provenance"]["corpus"]["size"] == 5
+
+
+NEGLABEL_PARAMS = "params: {ngroup: 5, noun_lexnames: [noun.shape], adj_lexnames: [adj.ppl]}"
+
+
+def _detectors_sharing_corpora(words: Path) -> str:
+    """Two NegLabels on WordNet, two HFTTs on one word list, one MCM (no corpus). The NegLabels
+    come first: in one wave, the test's two CPUs would start both at once."""
+    hftt = f"corpus: {words}, params: {{templates: ['a photo of a {{}}.'], n_trainable: 3, batch_size: 8}}"
+    fixed = "threshold: {strategy: fixed, value: 0.5}"
+    return ("detectors=["
+            f"{{kind: neglabel, name: food, task_texts: [apple, bread], {NEGLABEL_PARAMS}, {fixed}}}, "
+            f"{{kind: neglabel, name: tools, task_texts: [hammer, saw], {NEGLABEL_PARAMS}, {fixed}}}, "
+            f"{{kind: hftt, name: food-hftt, task_texts: [apple, bread], {hftt}, {fixed}}}, "
+            f"{{kind: mcm, name: mcm, task_texts: [pear, plum], {fixed}}}, "
+            f"{{kind: hftt, name: tools-hftt, task_texts: [hammer, saw], {hftt}, {fixed}}}]")
+
+
+def test_fit_waves_put_one_detector_per_corpus_first(make_config, tmp_path):
+    other = tmp_path / "other.txt"
+    cfg = make_config("unused", _detectors_sharing_corpora(tmp_path / "words.txt"), f"detectors.4.corpus={other}")
+    assert cache.fit_waves(cfg.detectors) == [[0, 2, 3, 4], [1]]  # tools-hftt reads another word list
+    assert cache.fit_waves(cfg.detectors[2:4]) == [[0, 1]]
+    assert cache.fit_waves([]) == []
+
+
+def test_detectors_reading_one_corpus_encode_its_shards_once(make_config, tmp_path, caplog):
+    """Fitted in parallel, the second NegLabel (and HFTT) would miss the text cache and encode the
+    first's corpus shards again; in the second wave it reads them and encodes only its own labels."""
+    words = tmp_path / "words.txt"
+    words.write_text("car\ntree\nhouse\nriver\ncloud\nboat\n")
+    cfg = make_config("unused", f"cache_dir={tmp_path / 'cache'}", _detectors_sharing_corpora(words))
+    with caplog.at_level(logging.INFO, logger="curation"):
+        cache.fitted_detectors(cfg)
+    shards = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
+        r"fitted (\S+): (\d+) text shards encoded, (\d+) read from the text cache", caplog.text)}
+    assert shards["food"] == (3, 0)  # labels, WordNet nouns, WordNet adjectives
+    assert shards["tools"] == (1, 2)  # its labels; both WordNet shards from the cache
+    assert shards["food-hftt"][1] == 0 and shards["tools-hftt"][1] >= 1  # the word list, cached
+    assert shards["mcm"] == (1, 0)
 
 
 def _rewrite_identity(entry: Path) -> None:

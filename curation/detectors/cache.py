@@ -39,8 +39,10 @@ def build_detector(det: DetectorConfig) -> Detector:
     return detector_class(det)(det.task_texts, side=det.side, name=det.label, **det.params)
 
 
-def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str, options: dict) -> dict[str, bytes]:
-    """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached)."""
+def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str,
+                 options: dict) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Ray Task body: fit one detector from text (text shards encoded in parallel tasks, cached).
+    Returns its artifact files and how many text shards it encoded and read from the cache."""
     import torch
 
     from curation.progress import ensure_worker_logging
@@ -54,7 +56,25 @@ def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str, op
                                 map_shards=map_shards, storage_options=options)
     detector = build_detector(det)
     detector.fit(encoder, load_corpus(detector_class(det).corpus_kind, det.corpus))
-    return detector_to_files(detector)
+    return detector_to_files(detector), {"text_shards_encoded": encoder.misses, "text_shards_cached": encoder.hits}
+
+
+def fit_waves(detectors: list[DetectorConfig]) -> list[list[int]]:
+    """Indices of `detectors` in the order their fits run: one wave after another, the fits of a
+    wave in parallel. Detectors that read the same corpus (two NegLabels on WordNet, two HFTTs on
+    one word list) mostly encode the same texts; fitted in parallel, each would miss the text cache
+    and encode every shard again. So the first of each corpus fits in the first wave and the rest
+    follow, reading those shards from the cache. On CPUs this costs no parallelism: a fit's
+    shards already fan out over all the cluster's CPUs (`ray_data.ray_map_shards`)."""
+    sources, first, rest = set(), [], []
+    for i, det in enumerate(detectors):
+        source = (detector_class(det).corpus_kind, det.corpus)
+        if source[0] is not None and source in sources:
+            rest.append(i)
+        else:
+            sources.add(source)
+            first.append(i)
+    return [wave for wave in (first, rest) if wave]
 
 
 def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
@@ -79,15 +99,21 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
     keys = [None if det.registered else detector_key(cfg.model, det) for det in cfg.detectors]
     cached = [registry.fetch(cfg, det) if det.registered else cached_artifact(storage.join(root, key), identity, options)
               for det, key in zip(cfg.detectors, keys)]
-    todo = [(cfg.model, det, cache_root(cfg), options) for det, files in zip(cfg.detectors, cached) if files is None]
+    todo = [i for i, files in enumerate(cached) if files is None]
     gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
     if todo:
         reused = [d.label for d, files in zip(cfg.detectors, cached) if files is not None]
         log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
-                 ", ".join(d.label for _, d, _, _ in todo), ", ".join(reused) or "none")
-    fitted = iter(ray_data.run_tasks(fit_detector, todo, num_cpus=1.0, num_gpus=gpus) if todo else [])
-    artifacts = [files if files is not None else cache_artifact(storage.join(root, key), next(fitted), options)
-                 for key, files in zip(keys, cached)]
+                 ", ".join(cfg.detectors[i].label for i in todo), ", ".join(reused) or "none")
+    artifacts = list(cached)
+    for wave in fit_waves([cfg.detectors[i] for i in todo]):
+        indices = [todo[j] for j in wave]
+        results = ray_data.run_tasks(fit_detector, [(cfg.model, cfg.detectors[i], cache_root(cfg), options)
+                                                    for i in indices], num_cpus=1.0, num_gpus=gpus)
+        for i, (files, shards) in zip(indices, results):
+            log.info("fitted %s: %d text shards encoded, %d read from the text cache", cfg.detectors[i].label,
+                     shards["text_shards_encoded"], shards["text_shards_cached"])
+            artifacts[i] = cache_artifact(storage.join(root, keys[i]), files, options)
     return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
 
 
