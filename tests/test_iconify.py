@@ -8,7 +8,6 @@ Needs the npm packages that .ci/setup installs under $CURATION_NPM_PREFIX (`@ico
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -182,10 +181,10 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train.train(split, ["test"], emojis=subset)
     monkeypatch.setattr(train.Checkpoints, "save", original)
-    # meanwhile the start file is replaced (as when a run's output becomes the committed weights),
-    # and the checkpoint is made to look like one written before the soft-target fields existed
-    shutil.copy(tmp_path / "w" / "tiny.safetensors", init)
-    assert file_sha256(init) != started_from
+    # meanwhile the start file is gone (replaced, say, when a run's output became the committed
+    # weights: a resumed run reads it no more), and the checkpoint is made to look like one
+    # written before the soft-target fields existed
+    init.unlink()
     last = tmp_path / "split" / "last.pt"
     stored = torch.load(last, weights_only=True)
     older = json.loads(stored["config"])
@@ -194,7 +193,7 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     resumed = train.train(split, ["test"], emojis=subset)
     assert [s["from_step"] for s in resumed["train"]["segments"]] == [0, 2]
     assert resumed["train"]["steps_done"] == 4
-    assert sidecar["init_from_sha256"] == resumed["init_from_sha256"] == started_from  # not the new file's
+    assert sidecar["init_from_sha256"] == resumed["init_from_sha256"] == started_from
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for key, tensor in a["trained"].items():
@@ -204,11 +203,16 @@ def test_training_resumes_from_its_checkpoint_step_for_step(full_catalog, tmp_pa
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         train.train(_tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), lr=1e-3, init_from=str(init)),
                     ["test"], emojis=subset)
-    # a field the checkpoint predates counts as its default, so another value is still refused
+    # a soft-target field the checkpoint predates counts as its default, so another value is
+    # refused; so is a checkpoint that predates a field whose default changed behaviour
     stored = torch.load(last, weights_only=True)
     torch.save({**stored, "config": json.dumps(older)}, last)
     with pytest.raises(ValueError, match=r"\['soft_share'\]"):
         train.train(_tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "split"), soft_share=0.3,
                                  init_from=str(init)), ["test"], emojis=subset)
+    del older["fold_icons"]
+    torch.save({**stored, "config": json.dumps(older)}, last)
+    with pytest.raises(ValueError, match=r"\['fold_icons'\]"):
+        train.train(split, ["test"], emojis=subset)
     with pytest.raises(ValueError, match="needs --steps"):
         train.train(_tiny_config(tmp_path, steps=None, checkpoint_dir=str(tmp_path / "x")), ["test"], emojis=subset)

@@ -54,7 +54,7 @@ NEGLABEL_PARAMS = "params: {ngroup: 5, noun_lexnames: [noun.shape], adj_lexnames
 
 def _detectors_sharing_corpora(words: Path) -> str:
     """Two NegLabels on WordNet, two HFTTs on one word list, one MCM (no corpus). The NegLabels
-    come first: in one wave, the test's two CPUs would start both at once."""
+    come first: unchained, the test's two CPUs would start both at once."""
     hftt = f"corpus: {words}, params: {{templates: ['a photo of a {{}}.'], n_trainable: 3, batch_size: 8}}"
     fixed = "threshold: {strategy: fixed, value: 0.5}"
     return ("detectors=["
@@ -65,17 +65,21 @@ def _detectors_sharing_corpora(words: Path) -> str:
             f"{{kind: hftt, name: tools-hftt, task_texts: [hammer, saw], {hftt}, {fixed}}}]")
 
 
-def test_fit_waves_put_one_detector_per_corpus_first(make_config, tmp_path):
-    other = tmp_path / "other.txt"
-    cfg = make_config("unused", _detectors_sharing_corpora(tmp_path / "words.txt"), f"detectors.4.corpus={other}")
-    assert cache.fit_waves(cfg.detectors) == [[0, 2, 3, 4], [1]]  # tools-hftt reads another word list
-    assert cache.fit_waves(cfg.detectors[2:4]) == [[0, 1]]
-    assert cache.fit_waves([]) == []
+def test_detectors_encoding_one_corpus_are_chained(make_config, tmp_path):
+    words = tmp_path / "words.txt"
+    cfg = make_config("unused", _detectors_sharing_corpora(words))
+    assert cache.fit_chains(cfg.detectors) == [[0, 1], [2, 4], [3]]
+    other = make_config("unused", _detectors_sharing_corpora(words), f"detectors.4.corpus={tmp_path / 'other.txt'}",
+                        "detectors.1.params.adj_lexnames=[adj.all]")
+    assert cache.fit_chains(other.detectors) == [[0], [1], [2], [3], [4]]  # other candidates, another list
+    templates = make_config("unused", _detectors_sharing_corpora(words), "detectors.1.params.noun_templates=['{} icon']")
+    assert cache.fit_chains(templates.detectors) == [[0], [1], [2, 4], [3]]
+    assert cache.fit_chains([]) == []
 
 
 def test_detectors_reading_one_corpus_encode_its_shards_once(make_config, tmp_path, caplog):
     """Fitted in parallel, the second NegLabel (and HFTT) would miss the text cache and encode the
-    first's corpus shards again; in the second wave it reads them and encodes only its own labels."""
+    first's corpus shards again; chained after it, it reads them and encodes only its own labels."""
     words = tmp_path / "words.txt"
     words.write_text("car\ntree\nhouse\nriver\ncloud\nboat\n")
     cfg = make_config("unused", f"cache_dir={tmp_path / 'cache'}", _detectors_sharing_corpora(words))

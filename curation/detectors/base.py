@@ -91,6 +91,14 @@ class Detector:
         """Learn from the task texts (and `corpus`, see `corpus_kind`) encoded by `encoder`."""
         raise NotImplementedError
 
+    def corpus_source(self, corpus: str) -> tuple | None:
+        """What fixes the corpus texts `fit` encodes besides the task texts (None: it encodes none),
+        given `DetectorConfig.corpus`. Detectors with equal sources encode identical corpus shards,
+        so the job fits them one after the other and the later ones read the shards from the text
+        cache (`detectors.cache.fit_chains`). A word list is named by the config; kinds whose
+        corpus texts depend on their params say so by overriding this."""
+        return None if self.corpus_kind is None else (self.corpus_kind, corpus)
+
     # -- fitted state -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, "torch.Tensor"]:
         raise NotImplementedError

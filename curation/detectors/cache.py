@@ -1,5 +1,6 @@
 """Fitted detector artifacts for a run: reused from the cache, fetched from the Model Registry, or
-fitted from text in Ray Tasks (one per detector) and cached.
+fitted from text in Ray Tasks (one per detector; those that encode one corpus one after the
+other, `fit_chains`) and cached.
 
 A cache entry is a directory named by `detector_key` under `<cache>/detectors/`, holding the
 artifact files and `_complete.json` ({file name: sha256}), written last: an entry without it, or
@@ -15,6 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from curation import registry, storage
 from curation.config import DetectorConfig, RunConfig
@@ -59,22 +61,19 @@ def fit_detector(model_cfg: ModelConfig, det: DetectorConfig, cache_dir: str,
     return detector_to_files(detector), {"text_shards_encoded": encoder.misses, "text_shards_cached": encoder.hits}
 
 
-def fit_waves(detectors: list[DetectorConfig]) -> list[list[int]]:
-    """Indices of `detectors` in the order their fits run: one wave after another, the fits of a
-    wave in parallel. Detectors that read the same corpus (two NegLabels on WordNet, two HFTTs on
-    one word list) mostly encode the same texts; fitted in parallel, each would miss the text cache
-    and encode every shard again. So the first of each corpus fits in the first wave and the rest
-    follow, reading those shards from the cache. On CPUs this costs no parallelism: a fit's
-    shards already fan out over all the cluster's CPUs (`ray_data.ray_map_shards`)."""
-    sources, first, rest = set(), [], []
+def fit_chains(detectors: list[DetectorConfig]) -> list[list[int]]:
+    """Indices of `detectors` in chains: the chains fit side by side, each chain's detectors one
+    after the other. Detectors with one corpus source (`Detector.corpus_source`: two NegLabels on
+    WordNet with the same lexnames and templates, two HFTTs on one word list) encode identical
+    corpus shards; fitted at once, each would miss the text cache and encode all of them. Chained,
+    the later ones read those shards from the cache. Only they wait, and only for the one before:
+    on CPUs that costs little, since one fit's shards already fan out over all the cluster's CPUs
+    (`ray_data.ray_map_shards`), but two HFTTs on one word list also train one after the other."""
+    chains: dict[object, list[int]] = {}
     for i, det in enumerate(detectors):
-        source = (detector_class(det).corpus_kind, det.corpus)
-        if source[0] is not None and source in sources:
-            rest.append(i)
-        else:
-            sources.add(source)
-            first.append(i)
-    return [wave for wave in (first, rest) if wave]
+        source = build_detector(det).corpus_source(det.corpus)
+        chains.setdefault(("alone", i) if source is None else source, []).append(i)
+    return list(chains.values())
 
 
 def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
@@ -92,7 +91,7 @@ def detector_key(model_cfg: ModelConfig, det: DetectorConfig) -> str:
 
 def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, bool]]:
     """Artifacts of every configured detector: reused from the cache when config and model match
-    and the cached files check out, otherwise fitted in Ray Tasks (one per detector) and cached.
+    and the cached files check out, otherwise fitted in Ray Tasks (`fit_chains`) and cached.
     Registered detectors (resolved by `registry.resolve`) are downloaded, never fitted."""
     root, identity = storage.join(cache_root(cfg), "detectors"), model_identity(cfg.model)
     options = cfg.output.storage_options
@@ -106,15 +105,22 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
         log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
                  ", ".join(cfg.detectors[i].label for i in todo), ", ".join(reused) or "none")
     artifacts = list(cached)
-    for wave in fit_waves([cfg.detectors[i] for i in todo]):
-        indices = [todo[j] for j in wave]
-        results = ray_data.run_tasks(fit_detector, [(cfg.model, cfg.detectors[i], cache_root(cfg), options)
-                                                    for i in indices], num_cpus=1.0, num_gpus=gpus)
-        for i, (files, shards) in zip(indices, results):
-            log.info("fitted %s: %d text shards encoded, %d read from the text cache", cfg.detectors[i].label,
-                     shards["text_shards_encoded"], shards["text_shards_cached"])
-            artifacts[i] = cache_artifact(storage.join(root, keys[i]), files, options)
+    for i, files in _fit_in_chains(cfg, todo, gpus):  # each cached as it comes: a later failure keeps it
+        artifacts[i] = cache_artifact(storage.join(root, keys[i]), files, options)
     return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
+
+
+def _fit_in_chains(cfg: RunConfig, todo: list[int], gpus: float) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """Fit `cfg.detectors[i]` for each i in `todo` in Ray Tasks (`fit_chains`); yields (i, artifact
+    files) as each fit finishes, logging how many text shards it encoded and read."""
+    chains = [[todo[j] for j in chain] for chain in fit_chains([cfg.detectors[i] for i in todo])]
+    args = [[(cfg.model, cfg.detectors[i], cache_root(cfg), cfg.output.storage_options) for i in chain]
+            for chain in chains]
+    for c, position, (files, shards) in ray_data.run_task_chains(fit_detector, args, num_cpus=1.0, num_gpus=gpus):
+        i = chains[c][position]
+        log.info("fitted %s: %d text shards encoded, %d read from the text cache", cfg.detectors[i].label,
+                 shards["text_shards_encoded"], shards["text_shards_cached"])
+        yield i, files
 
 
 def cache_artifact(directory: str | Path, files: dict[str, bytes], options: dict | None = None) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ of negatives. Grouping uses a seeded CPU permutation so scores do not depend on 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -119,6 +120,12 @@ class NegLabel(Detector):
         self.adj_lexnames = list(adj_lexnames) if adj_lexnames is not None else None
         self.noun_templates = checked_templates(noun_templates, "noun_templates")
         self.adj_templates = checked_templates(adj_templates, "adj_templates")
+
+    def corpus_source(self, corpus: str) -> tuple:
+        """WordNet is the one corpus (`corpus` is not read); the candidates follow the lexnames and
+        the prompts the templates."""
+        return (self.corpus_kind, json.dumps([self.noun_lexnames, self.adj_lexnames, self.noun_templates,
+                                              self.adj_templates]))
 
     def fit(self, encoder, corpus: "WordNetCorpus") -> "NegLabel":
         """Encode ID labels and the WordNet candidates this detector's lexnames select from

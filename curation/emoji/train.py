@@ -109,6 +109,13 @@ class TrainConfig:
                 if k not in ("out", "checkpoint_dir", "checkpoint_every", "workers", "threads", "minutes")}
 
 
+# Schedule fields added after resumable runs existed whose default is what runs did before them
+# (no soft targets): a checkpoint without them resumes with their defaults. A field that changed
+# behaviour when it was added (`fold_icons`, `icon_validation_fraction`) is not listed: such a
+# checkpoint is refused.
+NEUTRAL_NEW_FIELDS = ("soft_share", "soft_temperature")
+
+
 # ------------------------------------------------------------------------------------------ data
 
 @dataclass(frozen=True)
@@ -615,8 +622,12 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     t0 = time.time()
     bank = cached_caption_bank(model, tokenizer, data.captions)
     log.info("caption bank: %d captions embedded in %.1fs", len(data.captions), time.time() - t0)
-    init_sha256 = emoji_model.file_sha256(cfg.init_from) if cfg.init_from else None  # before --out may replace it
-    if cfg.init_from:  # its learned logit scale comes with it
+    candidates = emojis if emojis is not None else catalog.load_catalog()
+    checkpoints = Checkpoints(cfg, Validation(model, tokenizer, candidates, data, cfg))
+    if checkpoints.resuming:
+        pass  # `restore` (in the loop) brings the trained tensors and the start file's hash
+    elif cfg.init_from:  # its learned logit scale comes with it
+        checkpoints.state["init_from_sha256"] = emoji_model.file_sha256(cfg.init_from)  # before --out replaces it
         emoji_model.load_image_tower(model, cfg.init_from)
         log.info("image tower initialised from %s", cfg.init_from)
     else:
@@ -625,8 +636,6 @@ def train(cfg: TrainConfig, command: Sequence[str] = (), emojis: list | None = N
     model.train()
     model.text.eval()  # locked: no dropout in the frozen tower (its outputs are precomputed anyway)
     optimizer = _optimizer(model, cfg)
-    candidates = emojis if emojis is not None else catalog.load_catalog()
-    checkpoints = Checkpoints(cfg, Validation(model, tokenizer, candidates, data, cfg), init_sha256)
     loop = _run_loop(model, optimizer, bank, data, cfg, checkpoints)
     checkpoints.load_best(model)
     weights = _save(model, cfg, loop, command)
@@ -693,44 +702,55 @@ class Checkpoints:
     weights by validation (`best.safetensors`) under `cfg.checkpoint_dir`.
 
     `last.pt` holds tensors, numbers and strings only and is read with `weights_only=True`. A run
-    resumes only into the same schedule fields (`TrainConfig.schedule_fields`); a field the
-    checkpoint predates counts as its default, which is what runs did before the field existed.
-    The state keeps the hash of the `--init-from` file the run started from: a resumed run no
-    longer reads those tensors, and the file at that path may have been replaced since. Without a
-    checkpoint directory nothing is saved and the final weights are used.
+    resumes only into the same schedule fields (`TrainConfig.schedule_fields`); a field in
+    `NEUTRAL_NEW_FIELDS` that a checkpoint predates counts as its default. The state keeps the hash
+    of the `--init-from` file a new run started from: a resumed run reads that file no more (it
+    may have been replaced or deleted since). Without a checkpoint directory nothing is saved and
+    the final weights are used.
     """
 
-    def __init__(self, cfg: TrainConfig, validate: Validation, init_from_sha256: str | None):
+    def __init__(self, cfg: TrainConfig, validate: Validation):
         self.cfg, self.validate = cfg, validate
         self.directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.state = {"step": 0, "losses": [], "history": [], "segments": [], "best": None,
-                      "init_from_sha256": init_from_sha256}
+                      "init_from_sha256": None}
 
     @property
     def last(self) -> Path | None:
         return self.directory / "last.pt" if self.directory else None
 
+    @property
+    def resuming(self) -> bool:
+        return self.last is not None and self.last.is_file()
+
     def restore(self, model, optimizer) -> dict:
         """Load `last.pt` into the model and optimizer when there is one; returns the loop state."""
         import torch
 
-        if self.last is None or not self.last.is_file():
+        from curation.emoji.model import file_sha256
+
+        if not self.resuming:
             return self.state
         stored = torch.load(self.last, map_location="cpu", weights_only=True)
         # through JSON both sides, so that tuples and lists compare equal
         mine = json.loads(json.dumps(self.cfg.schedule_fields()))
-        theirs = {**json.loads(json.dumps(TrainConfig().schedule_fields())), **json.loads(stored["config"])}
+        theirs = json.loads(stored["config"])
+        predated = [k for k in NEUTRAL_NEW_FIELDS if k not in theirs]
+        theirs.update({k: getattr(TrainConfig, k) for k in predated})
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise ValueError(f"{self.last} belongs to another schedule (fields {differ} differ); "
                              "resume with the same arguments or use another --checkpoint-dir")
+        if predated:
+            log.info("%s predates %s: resuming with their defaults, which it ran with", self.last, predated)
         model.load_state_dict(stored["trained"], strict=False)
         optimizer.load_state_dict(stored["optimizer"])
-        started_from = self.state["init_from_sha256"]
-        self.state = {"init_from_sha256": started_from, **json.loads(stored["state"])}  # older: no hash kept
-        if self.state["init_from_sha256"] != started_from:
-            log.warning("%s has changed since this run started from it; the sidecar keeps the hash the "
-                        "run started from (%s)", self.cfg.init_from, self.state["init_from_sha256"])
+        self.state = json.loads(stored["state"])
+        if "init_from_sha256" not in self.state:  # written before the hash was kept
+            self.state["init_from_sha256"] = file_sha256(self.cfg.init_from) if self.cfg.init_from else None
+            if self.cfg.init_from:
+                log.warning("%s predates the start file's hash: recording the hash of %s as it is now",
+                            self.last, self.cfg.init_from)
         log.info("resumed from %s at step %d (best validation %s)", self.last, self.state["step"],
                  self.state["best"])
         return self.state

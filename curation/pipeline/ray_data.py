@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import os
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -86,12 +86,21 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def run_tasks(fn: Callable, arg_lists: list[tuple], num_cpus: float = 1.0, num_gpus: float = 0.0) -> list:
-    """Run `fn(*args)` for each args tuple as Ray Tasks; results in order."""
+def run_task_chains(fn: Callable, chains: list[list[tuple]], num_cpus: float = 1.0,
+                    num_gpus: float = 0.0) -> Iterator[tuple[int, int, Any]]:
+    """Run `fn(*args)` as Ray Tasks, the chains side by side and each chain's tasks one after the
+    other (a task starts when the one before it in its chain has returned). Yields (chain index,
+    position in the chain, result) as each task finishes; a failed task raises here."""
     import ray
 
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
-    return ray.get([remote.remote(*args) for args in arg_lists])
+    pending = {remote.remote(*chain[0]): (c, 0) for c, chain in enumerate(chains) if chain}
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        c, position = pending.pop(done)
+        if position + 1 < len(chains[c]):
+            pending[remote.remote(*chains[c][position + 1])] = (c, position + 1)
+        yield c, position, ray.get(done)
 
 
 def ray_map_shards(model_cfg: ModelConfig) -> Callable:
