@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def fit_all_at_once(cfg) -> list[dict[str, bytes]]:
     """Every detector its own chain: all fits start together, as the job did before chaining."""
     args = [[(cfg.model, det, cache.cache_root(cfg), cfg.output.storage_options)] for det in cfg.detectors]
-    results = {c: files for c, _, (files, _) in ray_data.run_task_chains(cache.fit_detector, args)}
+    gpus = 1.0 if ray_data.cluster_gpus() else 0.0  # as `fitted_detectors` gives them
+    results = {c: files for c, _, (files, _) in ray_data.run_task_chains(cache.fit_detector, args, num_gpus=gpus)}
     return [results[c] for c in range(len(cfg.detectors))]
 
 

@@ -4,6 +4,7 @@ and checked before reuse."""
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,37 @@ def _detectors_sharing_corpora(words: Path) -> str:
             f"{{kind: hftt, name: food-hftt, task_texts: [apple, bread], {hftt}, {fixed}}}, "
             f"{{kind: mcm, name: mcm, task_texts: [pear, plum], {fixed}}}, "
             f"{{kind: hftt, name: tools-hftt, task_texts: [hammer, saw], {hftt}, {fixed}}}]")
+
+
+def test_task_chains_run_side_by_side_each_one_after_the_other(tmp_path):
+    from curation.pipeline.ray_data import run_task_chains
+
+    def _logged_step(log: str, name: str, fail: bool = False) -> str:
+        """Records its start and end in `log` (defined here: Ray ships it by value)."""
+        import time
+
+        with open(log, "a") as f:
+            f.write(f"start {name}\n")
+        time.sleep(0.3)
+        if fail:
+            raise RuntimeError(f"{name} failed")
+        with open(log, "a") as f:
+            f.write(f"end {name}\n")
+        return name
+
+    logs = [str(tmp_path / f"chain{c}.log") for c in range(3)]
+    chains = [[(logs[0], "a1"), (logs[0], "a2"), (logs[0], "a3")], [], [(logs[2], "c1")]]
+    finished = list(run_task_chains(_logged_step, chains, num_cpus=0.5))
+    assert sorted(finished) == [(0, 0, "a1"), (0, 1, "a2"), (0, 2, "a3"), (2, 0, "c1")]
+    assert [f[2] for f in finished if f[0] == 0] == ["a1", "a2", "a3"]
+    assert Path(logs[0]).read_text().split("\n")[:-1] == [f"{e} a{i}" for i in (1, 2, 3) for e in ("start", "end")]
+    assert list(run_task_chains(_logged_step, [[], []])) == []
+
+    failing = [[(logs[1], "b1", True), (logs[1], "b2")]]
+    with pytest.raises(RuntimeError, match="b1 failed"):
+        list(run_task_chains(_logged_step, failing, num_cpus=0.5))
+    time.sleep(1.0)  # time enough for a wrongly started b2 to write its start
+    assert Path(logs[1]).read_text() == "start b1\n"  # the chain stopped: b2 never started
 
 
 def test_detectors_encoding_one_corpus_are_chained(make_config, tmp_path):

@@ -68,7 +68,8 @@ def fit_chains(detectors: list[DetectorConfig]) -> list[list[int]]:
     corpus shards; fitted at once, each would miss the text cache and encode all of them. Chained,
     the later ones read those shards from the cache. Only they wait, and only for the one before:
     on CPUs that costs little, since one fit's shards already fan out over all the cluster's CPUs
-    (`ray_data.ray_map_shards`), but two HFTTs on one word list also train one after the other."""
+    (`ray_data.ray_map_shards`), but two HFTTs on one word list also train one after the other.
+    Takes detectors to fit: registered ones are fetched, never fitted."""
     chains: dict[object, list[int]] = {}
     for i, det in enumerate(detectors):
         source = build_detector(det).corpus_source(det.corpus)

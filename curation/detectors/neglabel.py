@@ -122,19 +122,22 @@ class NegLabel(Detector):
         self.adj_templates = checked_templates(adj_templates, "adj_templates")
 
     def corpus_source(self, corpus: str) -> tuple:
-        """WordNet is the one corpus (`corpus` is not read); the candidates follow the lexnames and
-        the prompts the templates."""
-        return (self.corpus_kind, json.dumps([self.noun_lexnames, self.adj_lexnames, self.noun_templates,
-                                              self.adj_templates]))
+        """WordNet is the one corpus (`corpus` is not read); the candidates follow the lexnames as
+        `fit` resolves them, the prompts the templates."""
+        nouns, adjs = self._lexnames()
+        return (self.corpus_kind, nouns, adjs, json.dumps([self.noun_templates, self.adj_templates]))
+
+    def _lexnames(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(noun, adjective) lexicographer files: the defaults unless given (no adjectives: [])."""
+        from curation.text import corpora
+
+        return (tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
+                tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
 
     def fit(self, encoder, corpus: "WordNetCorpus") -> "NegLabel":
         """Encode ID labels and the WordNet candidates this detector's lexnames select from
         `corpus` with `encoder`, then mine the negatives."""
-        from curation.text import corpora
-
-        nouns, adjs = corpus.candidates(
-            tuple(self.noun_lexnames or corpora.DEFAULT_NOUN_LEXNAMES),
-            tuple(self.adj_lexnames if self.adj_lexnames is not None else corpora.DEFAULT_ADJ_LEXNAMES))
+        nouns, adjs = corpus.candidates(*self._lexnames())
         noun_templates = resolve_templates(self.noun_templates, "noun_templates")
         adj_templates = resolve_templates(self.adj_templates, "adj_templates")
         log.info("NegLabel detector %r: encoding %d labels, %d WordNet nouns (%d templates) and %d "

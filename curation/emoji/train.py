@@ -110,10 +110,10 @@ class TrainConfig:
 
 
 # Schedule fields added after resumable runs existed whose default is what runs did before them
-# (no soft targets): a checkpoint without them resumes with their defaults. A field that changed
-# behaviour when it was added (`fold_icons`, `icon_validation_fraction`) is not listed: such a
-# checkpoint is refused.
-NEUTRAL_NEW_FIELDS = ("soft_share", "soft_temperature")
+# (no soft targets, a random start): a checkpoint without them resumes with their defaults. A
+# field that changed behaviour when it was added (`fold_icons`, `icon_validation_fraction`) is
+# not listed: a checkpoint without it is refused.
+NEUTRAL_NEW_FIELDS = ("soft_share", "soft_temperature", "init_from")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -705,8 +705,9 @@ class Checkpoints:
     resumes only into the same schedule fields (`TrainConfig.schedule_fields`); a field in
     `NEUTRAL_NEW_FIELDS` that a checkpoint predates counts as its default. The state keeps the hash
     of the `--init-from` file a new run started from: a resumed run reads that file no more (it
-    may have been replaced or deleted since). Without a checkpoint directory nothing is saved and
-    the final weights are used.
+    may have been replaced or deleted since; only a checkpoint older than the kept hash hashes
+    it, if it is there). Without a checkpoint directory nothing is saved and the final weights
+    are used.
     """
 
     def __init__(self, cfg: TrainConfig, validate: Validation):
@@ -727,7 +728,7 @@ class Checkpoints:
         """Load `last.pt` into the model and optimizer when there is one; returns the loop state."""
         import torch
 
-        from curation.emoji.model import file_sha256
+        from curation.emoji.model import file_sha256, trained_state
 
         if not self.resuming:
             return self.state
@@ -737,20 +738,24 @@ class Checkpoints:
         theirs = json.loads(stored["config"])
         predated = [k for k in NEUTRAL_NEW_FIELDS if k not in theirs]
         theirs.update({k: getattr(TrainConfig, k) for k in predated})
-        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        differ = sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
         if differ:
             raise ValueError(f"{self.last} belongs to another schedule (fields {differ} differ); "
                              "resume with the same arguments or use another --checkpoint-dir")
         if predated:
             log.info("%s predates %s: resuming with their defaults, which it ran with", self.last, predated)
+        missing = sorted(set(trained_state(model)) - set(stored["trained"]))
+        if missing:  # nothing else set them: a resumed run skips --init-from and the initial scale
+            raise ValueError(f"{self.last} lacks trained tensors {missing[:5]}; use another --checkpoint-dir")
         model.load_state_dict(stored["trained"], strict=False)
         optimizer.load_state_dict(stored["optimizer"])
         self.state = json.loads(stored["state"])
         if "init_from_sha256" not in self.state:  # written before the hash was kept
-            self.state["init_from_sha256"] = file_sha256(self.cfg.init_from) if self.cfg.init_from else None
-            if self.cfg.init_from:
-                log.warning("%s predates the start file's hash: recording the hash of %s as it is now",
-                            self.last, self.cfg.init_from)
+            start = Path(self.cfg.init_from) if self.cfg.init_from else None
+            self.state["init_from_sha256"] = file_sha256(start) if start and start.is_file() else None
+            if start:
+                log.warning("%s predates the start file's hash: recording %s's as it is now (None if gone)",
+                            self.last, start)
         log.info("resumed from %s at step %d (best validation %s)", self.last, self.state["step"],
                  self.state["best"])
         return self.state

@@ -90,17 +90,25 @@ def run_task_chains(fn: Callable, chains: list[list[tuple]], num_cpus: float = 1
                     num_gpus: float = 0.0) -> Iterator[tuple[int, int, Any]]:
     """Run `fn(*args)` as Ray Tasks, the chains side by side and each chain's tasks one after the
     other (a task starts when the one before it in its chain has returned). Yields (chain index,
-    position in the chain, result) as each task finishes; a failed task raises here."""
+    position in the chain, result) as each task finishes. A failed task raises here, its chain
+    stops, and the tasks still running are cancelled, as they are when the caller stops early."""
+    if not any(chains):
+        return
     import ray
 
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
     pending = {remote.remote(*chain[0]): (c, 0) for c, chain in enumerate(chains) if chain}
-    while pending:
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        c, position = pending.pop(done)
-        if position + 1 < len(chains[c]):
-            pending[remote.remote(*chains[c][position + 1])] = (c, position + 1)
-        yield c, position, ray.get(done)
+    try:
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            c, position = pending.pop(done)
+            result = ray.get(done)  # raises before the chain goes on
+            if position + 1 < len(chains[c]):
+                pending[remote.remote(*chains[c][position + 1])] = (c, position + 1)
+            yield c, position, result
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 def ray_map_shards(model_cfg: ModelConfig) -> Callable:
