@@ -97,6 +97,28 @@ def test_task_chains_run_side_by_side_each_one_after_the_other(tmp_path):
     assert Path(logs[1]).read_text() == "start b1\n"  # the chain stopped: b2 never started
 
 
+def test_task_chains_cancel_running_tasks_when_the_caller_stops_early(tmp_path):
+    from curation.pipeline.ray_data import run_task_chains
+
+    def _slow_step(log: str, name: str, seconds: float) -> str:
+        import time
+
+        with open(log, "a") as f:
+            f.write(f"start {name}\n")
+        time.sleep(seconds)
+        with open(log, "a") as f:
+            f.write(f"end {name}\n")
+        return name
+
+    slow, quick = str(tmp_path / "slow.log"), str(tmp_path / "quick.log")
+    chains = [[(slow, "s1", 4.0), (slow, "s2", 0.0)], [(quick, "q1", 0.0)]]
+    finished = run_task_chains(_slow_step, chains, num_cpus=0.5)
+    assert next(finished) == (1, 0, "q1")
+    finished.close()  # the caller stops while s1 is still sleeping
+    time.sleep(6.0)  # time enough for s1 to end, and s2 to start, had s1 not been cancelled
+    assert Path(slow).read_text() == "start s1\n"
+
+
 def test_detectors_encoding_one_corpus_are_chained(make_config, tmp_path):
     words = tmp_path / "words.txt"
     cfg = make_config("unused", _detectors_sharing_corpora(words))
