@@ -101,10 +101,8 @@ def test_task_chains_cancel_running_tasks_when_the_caller_stops_early(tmp_path):
     from curation.pipeline.ray_data import run_task_chains
 
     def _step(log: str, name: str, seconds: float, after: str = "") -> str:
-        """Waits for `after` to exist, then records its start, sleeps and records its end. The
-        quick task waits for the slow one's log, so the slow one is running when the caller
-        stops: a cancel that reaches a worker while it is still starting the task can be missed
-        (Ray's cancel is best effort then; seen once in the full suite, the task ran to its end)."""
+        """Waits for `after` to exist, then records its start, sleeps and records its end (the
+        quick task waits for the slow one's log, so the slow one is running when the caller stops)."""
         import os
         import time
 

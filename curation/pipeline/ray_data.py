@@ -91,7 +91,10 @@ def run_task_chains(fn: Callable, chains: list[list[tuple]], num_cpus: float = 1
     """Run `fn(*args)` as Ray Tasks, the chains side by side and each chain's tasks one after the
     other (a task starts when the one before it in its chain has returned). Yields (chain index,
     position in the chain, result) as each task finishes. A failed task raises here, its chain
-    stops, and the tasks still running are cancelled, as they are when the caller stops early."""
+    stops, and the tasks still running are cancelled, as they are when the caller stops early.
+    With `force` (their workers exit): Ray's gentle cancel, a KeyboardInterrupt in the task, let a
+    running task finish in the full test suite, twice; a fit writes its cache atomically, so a
+    killed one loses only its own work."""
     if not any(chains):
         return
     import ray
@@ -108,7 +111,7 @@ def run_task_chains(fn: Callable, chains: list[list[tuple]], num_cpus: float = 1
             yield c, position, result
     finally:
         for ref in pending:
-            ray.cancel(ref)
+            ray.cancel(ref, force=True)
 
 
 def ray_map_shards(model_cfg: ModelConfig) -> Callable:
