@@ -21,17 +21,14 @@ from pathlib import Path
 from _common import write
 from curation.config import load_config
 from curation.detectors import cache
-from curation.pipeline import ray_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fit_all_at_once(cfg) -> list[dict[str, bytes]]:
     """Every detector its own chain: all fits start together, as the job did before chaining."""
-    args = [[(cfg.model, det, cache.cache_root(cfg), cfg.output.storage_options)] for det in cfg.detectors]
-    gpus = 1.0 if ray_data.cluster_gpus() else 0.0  # as `fitted_detectors` gives them
-    results = {c: files for c, _, (files, _) in ray_data.run_task_chains(cache.fit_detector, args, num_gpus=gpus)}
-    return [results[c] for c in range(len(cfg.detectors))]
+    fitted = dict(cache.fit_in_chains(cfg, [[i] for i in range(len(cfg.detectors))]))
+    return [fitted[i] for i in range(len(cfg.detectors))]
 
 
 def timed(fn, cfg) -> tuple[list[dict[str, bytes]], float]:

@@ -100,21 +100,24 @@ def fitted_detectors(cfg: RunConfig) -> tuple[list[dict[str, bytes]], dict[str, 
     cached = [registry.fetch(cfg, det) if det.registered else cached_artifact(storage.join(root, key), identity, options)
               for det, key in zip(cfg.detectors, keys)]
     todo = [i for i, files in enumerate(cached) if files is None]
-    gpus = 1.0 if todo and ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
     if todo:
         reused = [d.label for d, files in zip(cfg.detectors, cached) if files is not None]
         log.info("fitting %d detectors in Ray tasks (%s); cached: %s", len(todo),
                  ", ".join(cfg.detectors[i].label for i in todo), ", ".join(reused) or "none")
+    chains = [[todo[j] for j in chain] for chain in fit_chains([cfg.detectors[i] for i in todo])]
     artifacts = list(cached)
-    for i, files in _fit_in_chains(cfg, todo, gpus):  # each cached as it comes: a later failure keeps it
+    for i, files in fit_in_chains(cfg, chains):  # each cached as it comes: a later failure keeps it
         artifacts[i] = cache_artifact(storage.join(root, keys[i]), files, options)
     return artifacts, {det.label: files is not None for det, files in zip(cfg.detectors, cached)}
 
 
-def _fit_in_chains(cfg: RunConfig, todo: list[int], gpus: float) -> Iterator[tuple[int, dict[str, bytes]]]:
-    """Fit `cfg.detectors[i]` for each i in `todo` in Ray Tasks (`fit_chains`); yields (i, artifact
+def fit_in_chains(cfg: RunConfig, chains: list[list[int]]) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """Fit `cfg.detectors[i]` for each i in `chains` in Ray Tasks, the chains side by side and each
+    chain's detectors one after the other (`fit_chains` makes the job's); yields (i, artifact
     files) as each fit finishes, logging how many text shards it encoded and read."""
-    chains = [[todo[j] for j in chain] for chain in fit_chains([cfg.detectors[i] for i in todo])]
+    if not any(chains):
+        return  # nothing to fit: Ray need not even be running
+    gpus = 1.0 if ray_data.cluster_gpus() else 0.0  # HFTT training and text encoding on GPU
     args = [[(cfg.model, cfg.detectors[i], cache_root(cfg), cfg.output.storage_options) for i in chain]
             for chain in chains]
     for c, position, (files, shards) in ray_data.run_task_chains(fit_detector, args, num_cpus=1.0, num_gpus=gpus):
