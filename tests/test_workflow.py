@@ -66,43 +66,11 @@ def _detectors_sharing_corpora(words: Path) -> str:
             f"{{kind: hftt, name: tools-hftt, task_texts: [hammer, saw], {hftt}, {fixed}}}]")
 
 
-def test_task_chains_run_side_by_side_each_one_after_the_other(tmp_path):
-    from curation.pipeline.ray_data import run_task_chains
+def _logged_step():
+    """A task body that waits for the file `after` to exist, records its start in `log`, sleeps,
+    fails if told to, and records its end (made here, nested: Ray ships it by value)."""
 
-    def _logged_step(log: str, name: str, fail: bool = False) -> str:
-        """Records its start and end in `log` (defined here: Ray ships it by value)."""
-        import time
-
-        with open(log, "a") as f:
-            f.write(f"start {name}\n")
-        time.sleep(0.3)
-        if fail:
-            raise RuntimeError(f"{name} failed")
-        with open(log, "a") as f:
-            f.write(f"end {name}\n")
-        return name
-
-    logs = [str(tmp_path / f"chain{c}.log") for c in range(3)]
-    chains = [[(logs[0], "a1"), (logs[0], "a2"), (logs[0], "a3")], [], [(logs[2], "c1")]]
-    finished = list(run_task_chains(_logged_step, chains, num_cpus=0.5))
-    assert sorted(finished) == [(0, 0, "a1"), (0, 1, "a2"), (0, 2, "a3"), (2, 0, "c1")]
-    assert [f[2] for f in finished if f[0] == 0] == ["a1", "a2", "a3"]
-    assert Path(logs[0]).read_text().split("\n")[:-1] == [f"{e} a{i}" for i in (1, 2, 3) for e in ("start", "end")]
-    assert list(run_task_chains(_logged_step, [[], []])) == []
-
-    failing = [[(logs[1], "b1", True), (logs[1], "b2")]]
-    with pytest.raises(RuntimeError, match="b1 failed"):
-        list(run_task_chains(_logged_step, failing, num_cpus=0.5))
-    time.sleep(1.0)  # time enough for a wrongly started b2 to write its start
-    assert Path(logs[1]).read_text() == "start b1\n"  # the chain stopped: b2 never started
-
-
-def test_task_chains_cancel_running_tasks_when_the_caller_stops_early(tmp_path):
-    from curation.pipeline.ray_data import run_task_chains
-
-    def _step(log: str, name: str, seconds: float, after: str = "") -> str:
-        """Waits for `after` to exist, then records its start, sleeps and records its end (the
-        quick task waits for the slow one's log, so the slow one is running when the caller stops)."""
+    def step(log: str, name: str, seconds: float = 0.3, fail: bool = False, after: str = "") -> str:
         import os
         import time
 
@@ -111,13 +79,40 @@ def test_task_chains_cancel_running_tasks_when_the_caller_stops_early(tmp_path):
         with open(log, "a") as f:
             f.write(f"start {name}\n")
         time.sleep(seconds)
+        if fail:
+            raise RuntimeError(f"{name} failed")
         with open(log, "a") as f:
             f.write(f"end {name}\n")
         return name
 
+    return step
+
+
+def test_task_chains_run_side_by_side_each_one_after_the_other(tmp_path):
+    from curation.pipeline.ray_data import run_task_chains
+
+    logs = [str(tmp_path / f"chain{c}.log") for c in range(3)]
+    chains = [[(logs[0], "a1"), (logs[0], "a2"), (logs[0], "a3")], [], [(logs[2], "c1")]]
+    finished = list(run_task_chains(_logged_step(), chains, num_cpus=0.5))
+    assert sorted(finished) == [(0, 0, "a1"), (0, 1, "a2"), (0, 2, "a3"), (2, 0, "c1")]
+    assert [f[2] for f in finished if f[0] == 0] == ["a1", "a2", "a3"]
+    assert Path(logs[0]).read_text().split("\n")[:-1] == [f"{e} a{i}" for i in (1, 2, 3) for e in ("start", "end")]
+    assert list(run_task_chains(_logged_step(), [[], []])) == []
+
+    failing = [[(logs[1], "b1", 0.3, True), (logs[1], "b2")]]
+    with pytest.raises(RuntimeError, match="b1 failed"):
+        list(run_task_chains(_logged_step(), failing, num_cpus=0.5))
+    time.sleep(1.0)  # time enough for a wrongly started b2 to write its start
+    assert Path(logs[1]).read_text() == "start b1\n"  # the chain stopped: b2 never started
+
+
+def test_task_chains_cancel_running_tasks_when_the_caller_stops_early(tmp_path):
+    from curation.pipeline.ray_data import run_task_chains
+
     slow, quick = str(tmp_path / "slow.log"), str(tmp_path / "quick.log")
-    chains = [[(slow, "s1", 5.0), (slow, "s2", 0.0)], [(quick, "q1", 0.0, slow)]]
-    finished = run_task_chains(_step, chains, num_cpus=0.5)
+    # q1 waits for s1's log, so s1 is running when the caller stops
+    chains = [[(slow, "s1", 5.0), (slow, "s2", 0.0)], [(quick, "q1", 0.0, False, slow)]]
+    finished = run_task_chains(_logged_step(), chains, num_cpus=0.5)
     assert next(finished) == (1, 0, "q1")
     finished.close()  # the caller stops while s1 sleeps
     time.sleep(7.0)  # time enough for s1 to end, and s2 to start, had s1 not been cancelled
